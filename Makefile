@@ -1,0 +1,40 @@
+# minikd — two commands: `make lab` (learn) and `make test` (check everything, as CI does).
+# Works on a fresh machine with only Python 3 and make: the first call creates .venv.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.minikd-installed
+# Nothing may download during tests (no model hub, no data set host); notebooks run in quick mode.
+TEST_ENV := HF_HUB_OFFLINE=1 TQDM_DISABLE=1 MINIKD_MODE=quick MPLBACKEND=Agg PYTHONHASHSEED=0
+
+.PHONY: lab test unit notebooks lint venv clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[notebooks,test]"
+	@touch $(STAMP)
+
+venv: $(STAMP)  ## create .venv and install minikd with its extras
+
+lab: $(STAMP)  ## open JupyterLab on the notebooks (ToyCity data, no download)
+	$(BIN)/jupyter lab notebooks/
+
+test: $(STAMP)  ## lint + unit tests + every notebook through nbval in quick mode
+	$(BIN)/ruff check minikd tests benchmarks data_scripts
+	$(TEST_ENV) $(BIN)/python -m pytest tests
+	$(TEST_ENV) $(BIN)/python -m pytest --nbval-lax --nbval-current-env \
+		--nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:python notebooks
+
+unit: $(STAMP)  ## unit tests only
+	$(TEST_ENV) $(BIN)/python -m pytest tests
+
+notebooks: $(STAMP)  ## notebooks only, through nbval in quick mode
+	$(TEST_ENV) $(BIN)/python -m pytest --nbval-lax --nbval-current-env \
+		--nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:python notebooks
+
+lint: $(STAMP)
+	$(BIN)/ruff check minikd tests benchmarks data_scripts
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

@@ -1,0 +1,1 @@
+"""minikd: knowledge distillation and uncertainty distillation for segmentation and depth."""
