@@ -1,0 +1,725 @@
+"""Models: smp segmenters, the plain U-Net family, the DUDES student and the EMUFormer *Formers.
+
+Every model here follows the same small protocol, so losses, ensembles and training treat them alike:
+
+- ``forward(x)`` validates ``x`` (4-D float tensor ``[B, 3, H, W]`` with H and W divisible by
+  ``model.output_stride``) and raises a ``ValueError`` that says which sizes would fit;
+- a plain segmenter returns logits ``[B, C, H, W]``; multi-output models return a dict
+  (``as_dict`` turns a bare tensor into ``{"logits": t}``);
+- ``param_groups(model)`` splits the parameters into (encoder, everything else) for the 10x decoder
+  learning rate of DUDES; every model also has ``encoder_parameters()``/``decoder_parameters()``;
+- segmenters expose ``forward_features(x)`` (the decoder's last feature map) and
+  ``segmentation_head`` (features -> logits), which is what ``DUDESStudent`` builds on;
+- all are plain ``nn.Module`` s: ``copy.deepcopy`` and ``torch.func.functional_call`` work.
+
+Parameter counts (measured with ``count_parameters``):
+
+======================================  ===========  ========================================
+model                                   parameters   note
+======================================  ===========  ========================================
+``unet_family("tiny", 6)``                   30,566  quick-mode CPU net (depth 3, bridge 32)
+``unet_family("M128", 6)``                  482,822  3 levels, 16-32-64, bridge 128
+``unet_family("M256", 6)``                1,942,662  4 levels, 16-...-128, bridge 256
+``unet_family("M512", 6)``                7,778,694  5 levels, 16-...-256, bridge 512
+``unet_family("M1024", 6)``              31,116,166  6 levels, 16-...-512, bridge 1024
+DeepLabV3+ ResNet18, 19 classes          12,333,923  DUDES Table 3 "Baseline": 12,333,923
+``DUDESStudent`` of the above            12,334,180  +257, as in DUDES Table 3
+``SegFormer("mit_b0", 19)``               3,719,027  decoder dim 256
+``SegDepthFormer("mit_b0", 19)``          4,114,293
+``SegFormer("mit_b2", 19)``              27,361,235  EMUFormer Table 1: 27.3M
+``DepthFormer("mit_b2")``                27,348,162  EMUFormer Table 1: 27.3M
+``SegDepthFormer("mit_b2", 19)``         30,513,109  EMUFormer Table 1: 30.5M
+======================================  ===========  ========================================
+
+Pretrained weights: ``pretrained=True`` fetches the encoder's ImageNet weights from the Hugging Face
+hub (``smp-hub/<encoder>.imagenet``), or from its local cache when ``HF_HUB_OFFLINE=1``. If neither
+works it raises a ``RuntimeError`` at once (the hub is probed with a 3-second timeout first, so a
+machine without network never hangs). ``weights_path=`` loads a local state dict instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "SUPPORTED_ARCHS",
+    "SUPPORTED_ENCODERS",
+    "UNET_PRESETS",
+    "AllMLPDecoder",
+    "DUDESStudent",
+    "DepthFormer",
+    "SegDepthFormer",
+    "SegFormer",
+    "Segmenter",
+    "UNet",
+    "as_dict",
+    "build_segmenter",
+    "check_input",
+    "count_parameters",
+    "load_encoder_weights",
+    "param_groups",
+    "unet_family",
+]
+
+SUPPORTED_ARCHS: tuple[str, ...] = ("Unet", "DeepLabV3Plus", "PSPNet", "Segformer")
+SUPPORTED_ENCODERS: tuple[str, ...] = (
+    "resnet18", "resnet50", "resnet101", "vgg16", "vgg16_bn", "mobilenet_v2", "efficientnet-b0",
+    "mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5",
+)  # fmt: skip
+_ARCH_ALIASES = {
+    "unet": "Unet",
+    "deeplabv3plus": "DeepLabV3Plus",
+    "deeplabv3+": "DeepLabV3Plus",
+    "pspnet": "PSPNet",
+    "segformer": "Segformer",
+}
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+# --------------------------------------------------------------------------- input validation
+def _fitting_sizes(n: int, stride: int) -> list[int]:
+    """The multiples of ``stride`` just below and above ``n`` (``n`` itself if it fits)."""
+    if n % stride == 0:
+        return [n]
+    below = n // stride * stride
+    return [s for s in (below, below + stride) if s > 0]
+
+
+def check_input(x: object, stride: int, name: str, in_channels: int = 3) -> None:
+    """Raise a ``ValueError`` unless ``x`` is a float ``[B, in_channels, H, W]`` batch fitting ``stride``.
+
+    Args:
+        x: the model input.
+        stride: H and W must be multiples of it (the model's ``output_stride``).
+        name: the model's name, for the message.
+        in_channels: expected number of channels.
+
+    Raises:
+        TypeError: ``x`` is not a tensor.
+        ValueError: wrong rank, dtype, channels or size; says what would fit and what to do.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} expects a torch.Tensor [B, {in_channels}, H, W]; got {type(x)}.")
+    shape = tuple(x.shape)
+    if x.ndim != 4:
+        hint = " For a single image use x.unsqueeze(0)." if x.ndim == 3 else ""
+        raise ValueError(f"{name} expects a 4-D batch [B, {in_channels}, H, W]; got shape {shape}."
+                         + hint)
+    if not x.is_floating_point():
+        raise ValueError(f"{name} expects a floating-point image batch; got dtype {x.dtype} with "
+                         f"shape {shape}. Convert with x.float() / 255 and normalise it first.")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{name} expects {in_channels} channels (RGB) in dim 1; got shape {shape}."
+                         " Channels-last images need x.permute(0, 3, 1, 2).")
+    h, w = x.shape[-2:]
+    if h % stride or w % stride:
+        hs, ws = _fitting_sizes(h, stride), _fitting_sizes(w, stride)
+        raise ValueError(
+            f"{name} needs H and W divisible by its output stride {stride}; got shape {shape} "
+            f"(H={h}, W={w}). Nearest sizes that fit: H in {hs}, W in {ws}. Pad or crop the "
+            f"input, e.g. to {hs[-1]}x{ws[-1]} with torch.nn.functional.pad."
+        )
+
+
+# --------------------------------------------------------------------------- encoder weights
+def _hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set, now or at import."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return constants.HF_HUB_OFFLINE or flag.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_reachable(endpoint: str | None = None, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the hub opens within ``timeout`` seconds (DNS included).
+
+    The probe runs in a daemon thread so that a hanging DNS lookup cannot block the caller.
+    """
+    from huggingface_hub import constants
+
+    url = urlparse(endpoint or constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+def _weights_error(encoder: str, reason: str) -> RuntimeError:
+    return RuntimeError(
+        f"The ImageNet weights for encoder '{encoder}' could not be fetched ({reason}). "
+        "To proceed: build it with pretrained=False (random initialisation; fine on ToyCity), or "
+        f"download smp-hub/{encoder}.imagenet/model.safetensors on a machine with network and "
+        "pass weights_path='path/to/model.safetensors'."
+    )
+
+
+def _fetch_imagenet_weights(encoder: str) -> Path:
+    """Path of the encoder's ImageNet ``model.safetensors`` (hub or local cache), or RuntimeError."""
+    from huggingface_hub import hf_hub_download
+
+    settings = smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {})
+    if "imagenet" not in settings:
+        raise ValueError(f"encoder '{encoder}' has no ImageNet weights in smp; available: "
+                         f"{list(settings)}. Use pretrained=False or weights_path=.")
+    if _hub_offline():
+        offline, reason = True, "HF_HUB_OFFLINE is set and they are not in the local cache"
+    elif not _hub_reachable():
+        offline = True  # only the local cache can help now; never wait for connection timeouts
+        reason = (f"the hub did not answer within {HUB_PROBE_TIMEOUT_S:g} s and they are not in "
+                  "the local cache")
+    else:
+        offline, reason = False, "download failed"
+    repo, revision = settings["imagenet"]["repo_id"], settings["imagenet"]["revision"]
+    try:
+        path = hf_hub_download(repo, "model.safetensors", revision=revision,
+                               local_files_only=offline, etag_timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as err:  # LocalEntryNotFoundError, HTTP errors, timeouts: all mean "not here"
+        raise _weights_error(encoder, f"{reason}: {type(err).__name__}") from err
+    return Path(path)
+
+
+def load_encoder_weights(encoder: nn.Module, weights_path: str | os.PathLike) -> None:
+    """Load a local state dict (``.safetensors`` or a torch file) into ``encoder``.
+
+    A whole-model state dict also works: keys starting with ``"encoder."`` are taken and stripped.
+
+    Args:
+        encoder: the encoder module (e.g. ``model.encoder``).
+        weights_path: the file.
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    path = Path(weights_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights_path={str(path)!r} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if any(k.startswith("encoder.") for k in state):
+        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    encoder.load_state_dict(state)
+
+
+def _init_encoder(encoder: nn.Module, name: str, pretrained: bool,
+                  weights_path: str | os.PathLike | None) -> None:
+    """Load ImageNet weights into a freshly built encoder as requested (no-op for random init)."""
+    if weights_path is not None:
+        load_encoder_weights(encoder, weights_path)
+    elif pretrained:
+        load_encoder_weights(encoder, _fetch_imagenet_weights(name))
+
+
+# --------------------------------------------------------------------------- parameter groups
+def param_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split parameters into (encoder, other): every parameter lands in exactly one list.
+
+    A parameter belongs to the encoder when one of the module names on its path is ``encoder``
+    (smp models, ``UNet``'s down path, the *Formers' shared encoder, a wrapped segmenter's encoder).
+
+    Args:
+        model: any model of this module (or any module naming its backbone ``encoder``).
+
+    Returns:
+        (encoder_params, other_params), for the decoder's 10x learning rate (DUDES §4).
+
+    References:
+        Landgraf et al., DUDES (2023), §4 "Training". Taught in notebooks/03_dudes.ipynb.
+    """
+    encoder, other = [], []
+    for name, p in model.named_parameters():
+        (encoder if "encoder" in name.split(".")[:-1] else other).append(p)
+    return encoder, other
+
+
+class _ParamGroupsMixin:
+    """``encoder_parameters()`` / ``decoder_parameters()`` via ``param_groups``."""
+
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the encoder (backbone)."""
+        return iter(param_groups(self)[0])
+
+    def decoder_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of everything else: decoder(s) and head(s)."""
+        return iter(param_groups(self)[1])
+
+
+# --------------------------------------------------------------------------- smp segmenters
+class Segmenter(_ParamGroupsMixin, nn.Module):
+    """An smp model with input validation; keeps smp's ``encoder/decoder/segmentation_head`` names.
+
+    The state dict keys equal smp's, so smp checkpoints load unchanged.
+
+    Args:
+        model: an ``smp`` segmentation model without auxiliary head.
+        name: a readable name for messages, e.g. ``"DeepLabV3Plus-resnet18"``.
+    """
+
+    def __init__(self, model: nn.Module, name: str | None = None):
+        super().__init__()
+        self.encoder = model.encoder
+        self.decoder = model.decoder
+        self.segmentation_head = model.segmentation_head
+        self.name = name or getattr(model, "name", type(model).__name__)
+        self.output_stride = int(model.encoder.output_stride)
+        self.needs_batch_gt1_in_train = isinstance(model, smp.DeepLabV3Plus)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Validated input -> the decoder's last feature map (before the segmentation head)."""
+        check_input(x, self.output_stride, self.name)
+        if self.training and self.needs_batch_gt1_in_train and x.shape[0] == 1:
+            raise ValueError(
+                f"{self.name} in train mode needs a batch of at least 2; got shape "
+                f"{tuple(x.shape)}. Its ASPP image-pooling branch applies BatchNorm to one value "
+                "per channel. Use batch_size >= 2 with drop_last=True, or call model.eval()."
+            )
+        return self.decoder(self.encoder(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B, num_classes, H, W]``."""
+        return self.segmentation_head(self.forward_features(x))
+
+
+def _canonical_arch(arch: str) -> str:
+    key = str(arch).lower().replace("_", "").replace("-", "")
+    if key not in _ARCH_ALIASES:
+        raise ValueError(f"unknown arch {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}.")
+    return _ARCH_ALIASES[key]
+
+
+def _check_encoder(encoder: str) -> None:
+    if encoder in SUPPORTED_ENCODERS or encoder in smp.encoders.get_encoder_names():
+        return
+    close = difflib.get_close_matches(str(encoder), SUPPORTED_ENCODERS, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown encoder {encoder!r}; supported: {', '.join(SUPPORTED_ENCODERS)} "
+                     "(or any name in segmentation_models_pytorch.encoders.get_encoder_names())."
+                     + hint)
+
+
+def build_segmenter(arch: str, encoder: str, num_classes: int, pretrained: bool = False,
+                    weights_path: str | os.PathLike | None = None) -> Segmenter:
+    """Build an smp segmenter (Unet, DeepLabV3Plus, PSPNet or Segformer) with input validation.
+
+    Args:
+        arch: "Unet", "DeepLabV3Plus" (or "DeepLabV3+"), "PSPNet" or "Segformer"; case-insensitive.
+        encoder: one of ``SUPPORTED_ENCODERS`` (resnet18/50/101, vgg16(_bn), mobilenet_v2,
+            efficientnet-b0, mit_b0..mit_b5) or another smp encoder name.
+        num_classes: output channels.
+        pretrained: load ImageNet encoder weights (hub or local cache; RuntimeError at once if
+            neither has them). ``False`` never touches the network.
+        weights_path: a local encoder (or whole-model) state dict to load instead of the hub.
+
+    Returns:
+        A ``Segmenter``; ``forward(x)`` gives logits ``[B, num_classes, H, W]``. Output strides
+        (H, W must be multiples): Unet 32, DeepLabV3Plus 16, PSPNet 8, Segformer 32.
+
+    Raises:
+        ValueError: unknown arch/encoder or a combination smp cannot build (DeepLabV3Plus + VGG).
+        RuntimeError: ``pretrained=True`` and the weights cannot be had.
+
+    References:
+        Iakubovskii, segmentation-models-pytorch. DeepLabV3+ ResNet18 is the DUDES baseline
+        (Landgraf et al. 2023, §4). Taught in notebooks/02_unet_ensemble_weighting.ipynb and
+        notebooks/03_dudes.ipynb.
+    """
+    arch = _canonical_arch(arch)
+    _check_encoder(encoder)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int; got {num_classes!r}.")
+    if arch == "DeepLabV3Plus" and encoder.startswith("vgg"):  # checked before a slow build
+        raise ValueError(f"DeepLabV3Plus cannot use encoder {encoder!r}: it needs a dilated "
+                         "(atrous) encoder, and VGG models do not support dilated mode (they "
+                         "downsample by max-pooling). Pick e.g. 'resnet18' or 'mobilenet_v2'.")
+    try:
+        model = getattr(smp, arch)(encoder_name=encoder, encoder_weights=None, classes=num_classes)
+    except (ValueError, KeyError, NotImplementedError) as err:
+        raise ValueError(f"{arch} cannot use encoder {encoder!r}: {err} Pick another encoder, "
+                         "e.g. 'resnet18' or 'mobilenet_v2'.") from err
+    _init_encoder(model.encoder, encoder, pretrained, weights_path)
+    return Segmenter(model, name=f"{arch}-{encoder}")
+
+
+# --------------------------------------------------------------------------- plain U-Net family
+UNET_PRESETS: dict[str, tuple[int, int, bool]] = {
+    # name: (depth = encoder levels, bridge filters, batch_norm)
+    "tiny": (3, 32, True),  # quick-mode CPU net: 4-8-16, bridge 32 (not in the paper)
+    "M128": (3, 128, True),
+    "M256": (4, 256, True),
+    "M512": (5, 512, True),
+    "M1024": (6, 1024, True),
+    "M1024*": (6, 1024, False),  # the paper's M1024 without BatchNorm (Table II)
+}
+
+
+def _double_conv(c_in: int, c_out: int, batch_norm: bool) -> nn.Sequential:
+    """(3x3 conv -> [BatchNorm] -> ReLU) twice, the U-Net building block."""
+    layers: list[nn.Module] = []
+    for c in (c_in, c_out):
+        layers.append(nn.Conv2d(c, c_out, 3, padding=1, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(c_out))
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class UNet(_ParamGroupsMixin, nn.Module):
+    """The plain U-Net of the U-Net KD paper: ``depth`` levels, filters doubling up to the bridge.
+
+    Level ``i`` (0-based) has ``bridge_filters / 2**(depth - i)`` filters, so M128 is 16-32-64 and
+    bridge 128, and M1024 is 16-32-64-128-256-512 and bridge 1024 (the paper names the models by
+    the bridge and gives 3/4/5/6 encoder levels; the first level's 16 filters follow from that
+    naming). Down: double 3x3 conv then 2x2 max-pool. Up: 2x2 transposed conv halving the
+    channels, concatenation with the skip, double 3x3 conv. Head: 1x1 conv to the classes.
+
+    Args:
+        depth: number of encoder levels (max-pools); the output stride is ``2**depth``.
+        bridge_filters: filters of the bridge convolutions; must be divisible by ``2**depth``.
+        batch_norm: BatchNorm after every conv (M1024* of the paper has none).
+        num_classes: output channels.
+        in_channels: input channels.
+
+    References:
+        Ronneberger et al. 2015; the U-Net KD paper (../shared/papers/unet_kd_ensemble_teachers.md,
+        §IV, Table II). Taught in notebooks/01_vanilla_kd_temperature.ipynb and
+        notebooks/02_unet_ensemble_weighting.ipynb.
+    """
+
+    def __init__(self, depth: int, bridge_filters: int, batch_norm: bool = True, *,
+                 num_classes: int, in_channels: int = 3):
+        super().__init__()
+        if depth < 1 or bridge_filters % 2**depth or bridge_filters < 2**depth:
+            raise ValueError(f"UNet needs depth >= 1 and bridge_filters a positive multiple of "
+                             f"2**depth={2**depth}; got depth={depth}, "
+                             f"bridge_filters={bridge_filters}.")
+        filters = [bridge_filters // 2 ** (depth - i) for i in range(depth)]
+        self.in_channels, self.output_stride = in_channels, 2**depth
+        self.name = f"UNet(depth={depth}, bridge={bridge_filters})"
+        self.encoder = nn.ModuleList(
+            _double_conv(c_in, c, batch_norm) for c_in, c in zip([in_channels] + filters, filters)
+        )
+        self.bridge = _double_conv(filters[-1], bridge_filters, batch_norm)
+        ups = [bridge_filters] + filters[::-1]
+        self.up = nn.ModuleList(nn.ConvTranspose2d(c, c // 2, 2, stride=2) for c in ups[:-1])
+        self.decoder = nn.ModuleList(_double_conv(c, c // 2, batch_norm) for c in ups[:-1])
+        self.segmentation_head = nn.Conv2d(filters[0], num_classes, 1)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Validated input -> the last decoder feature map ``[B, filters[0], H, W]``."""
+        check_input(x, self.output_stride, self.name, self.in_channels)
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+            x = F.max_pool2d(x, 2)
+        x = self.bridge(x)
+        for up, block, skip in zip(self.up, self.decoder, reversed(skips)):
+            x = block(torch.cat([skip, up(x)], dim=1))
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B, num_classes, H, W]``."""
+        return self.segmentation_head(self.forward_features(x))
+
+
+def unet_family(name: str, num_classes: int, in_channels: int = 3) -> UNet:
+    """A preset of the U-Net KD paper's family, or the tiny quick-mode network.
+
+    ======  =====  ======  ===============  ==================
+    name    depth  bridge  level filters    params (6 classes)
+    ======  =====  ======  ===============  ==================
+    tiny    3      32      4-8-16                       30,566
+    M128    3      128     16-32-64                    482,822
+    M256    4      256     16-32-64-128              1,942,662
+    M512    5      512     16-...-256                7,778,694
+    M1024   6      1024    16-...-512               31,116,166
+    M1024*  6      1024    as M1024, no BN          31,110,086
+    ======  =====  ======  ===============  ==================
+
+    The tiny preset is not in the paper; it runs a 64x128 batch in milliseconds on a CPU.
+
+    Args:
+        name: "tiny", "M128", "M256", "M512", "M1024" or "M1024*" (without BatchNorm).
+        num_classes: output channels.
+        in_channels: input channels.
+
+    Returns:
+        The ``UNet``.
+
+    References:
+        U-Net KD paper, §IV and Table II. Taught in notebooks/02_unet_ensemble_weighting.ipynb.
+    """
+    if name not in UNET_PRESETS:
+        raise ValueError(f"unknown U-Net preset {name!r}; choose one of {list(UNET_PRESETS)}.")
+    depth, bridge, batch_norm = UNET_PRESETS[name]
+    return UNet(depth, bridge, batch_norm, num_classes=num_classes, in_channels=in_channels)
+
+
+# --------------------------------------------------------------------------- DUDES student
+def _uncertainty_head(segmentation_head: nn.Module) -> nn.Module:
+    """A copy of ``segmentation_head`` with its (last) conv giving one channel, then a sigmoid."""
+    head = copy.deepcopy(segmentation_head)
+    convs = [n for n, m in head.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"the segmentation head has no Conv2d to copy: {segmentation_head}")
+    old = head.get_submodule(convs[-1])
+    new = nn.Conv2d(old.in_channels, 1, old.kernel_size, old.stride, old.padding, old.dilation,
+                    bias=old.bias is not None)
+    if convs[-1] == "":
+        head = new
+    else:
+        parent, _, attr = convs[-1].rpartition(".")
+        setattr(head.get_submodule(parent), attr, new)
+    for m in head.modules():  # fresh weights for any other layer the head had
+        if m is not new and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return nn.Sequential(head, nn.Sigmoid())
+
+
+class DUDESStudent(_ParamGroupsMixin, nn.Module):
+    """The DUDES student: a segmenter plus an uncertainty head sharing its decoder.
+
+    The uncertainty head is identical to the segmentation head except for one output channel and a
+    sigmoid, so it adds ``in_channels * k * k + 1`` parameters: 257 for DeepLabV3+ ResNet18
+    (256 decoder channels, 1x1 conv), as in DUDES Table 3.
+
+    Args:
+        segmenter: a ``Segmenter`` (``build_segmenter``), a raw smp model, a ``UNet`` or a
+            ``SegFormer``: anything with ``forward_features`` and ``segmentation_head``.
+
+    References:
+        Landgraf et al., DUDES (2023), §3 "Student" and Table 3. Taught in
+        notebooks/03_dudes.ipynb.
+    """
+
+    def __init__(self, segmenter: nn.Module):
+        super().__init__()
+        if isinstance(segmenter, smp.base.SegmentationModel):
+            segmenter = Segmenter(segmenter)
+        if not (hasattr(segmenter, "forward_features") and hasattr(segmenter, "segmentation_head")):
+            raise ValueError(f"DUDESStudent needs a segmenter with forward_features() and "
+                             f"segmentation_head; got {type(segmenter).__name__}.")
+        self.segmenter = segmenter
+        self.uncertainty_head = _uncertainty_head(segmenter.segmentation_head)
+        self.output_stride = segmenter.output_stride
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """``{"logits": [B, C, H, W], "uncertainty": [B, H, W] in [0, 1]}``."""
+        features = self.segmenter.forward_features(x)
+        logits = self.segmenter.segmentation_head(features)
+        uncertainty = self.uncertainty_head(features)
+        if logits.shape[-2:] != x.shape[-2:]:  # heads without their own upsampling (SegFormer)
+            logits = F.interpolate(logits, x.shape[-2:], mode="bilinear", align_corners=False)
+            uncertainty = F.interpolate(uncertainty, x.shape[-2:], mode="bilinear",
+                                        align_corners=False)
+        return {"logits": logits, "uncertainty": uncertainty[:, 0]}
+
+
+# --------------------------------------------------------------------------- EMUFormer models
+class AllMLPDecoder(nn.Module):
+    """SegFormer's all-MLP decoder: per-stage linear to ``dim``, upsample to 1/4, concat, fuse.
+
+    A per-pixel linear layer is written as a 1x1 convolution (the same operation).
+
+    Args:
+        in_channels: channels of the four encoder stages (strides 4, 8, 16, 32).
+        dim: common embedding dimension (SegFormer: 256 for B0/B1, 768 for B2-B5).
+        out_channels: classes for segmentation, 2 (mean, variance) for depth.
+        dropout: dropout rate before the last layer (MC dropout at test time).
+
+    References:
+        Xie et al., SegFormer (2021), Eq. 4; EMUFormer (Landgraf et al. 2024), §3.2, Figs. 1-3.
+    """
+
+    def __init__(self, in_channels: list[int], dim: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.linear = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in in_channels)
+        self.fuse = nn.Sequential(nn.Conv2d(len(in_channels) * dim, dim, 1, bias=False),
+                                  nn.BatchNorm2d(dim), nn.ReLU(inplace=True))
+        self.dropout = nn.Dropout2d(dropout)
+        self.head = nn.Conv2d(dim, out_channels, 1)
+
+    def forward_features(self, features: list[Tensor]) -> Tensor:
+        """Stage features (finest first) -> fused features at the finest stage's size."""
+        size = features[0].shape[-2:]
+        ups = [F.interpolate(lin(f), size, mode="bilinear", align_corners=False)
+               for lin, f in zip(self.linear, features)]
+        return self.dropout(self.fuse(torch.cat(ups[::-1], dim=1)))
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        """Stage features -> ``[B, out_channels, H/4, W/4]``."""
+        return self.head(self.forward_features(features))
+
+
+def _upsample(t: Tensor, x: Tensor) -> Tensor:
+    return F.interpolate(t, x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _depth_outputs(raw: Tensor, x: Tensor) -> dict[str, Tensor]:
+    """Two raw channels -> ReLU mean and Softplus variance ``[B, H, W]`` (EMUFormer Eqs. 4-5)."""
+    raw = _upsample(raw, x)
+    return {"depth": F.relu(raw[:, 0]), "depth_var": F.softplus(raw[:, 1])}
+
+
+class _Former(_ParamGroupsMixin, nn.Module):
+    """A hierarchical encoder (MiT by default, via smp) plus all-MLP decoders built by subclasses."""
+
+    def __init__(self, encoder: str, dropout: float, pretrained: bool,
+                 weights_path: str | os.PathLike | None, decoder_dim: int | None):
+        super().__init__()
+        _check_encoder(encoder)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout}.")
+        try:
+            self.encoder = smp.encoders.get_encoder(encoder, weights=None)
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"cannot build encoder {encoder!r}: {err}") from err
+        _init_encoder(self.encoder, encoder, pretrained, weights_path)
+        self.stage_channels = list(self.encoder.out_channels[-4:])
+        big = encoder.startswith("mit_b") and encoder not in ("mit_b0", "mit_b1")
+        self.decoder_dim = decoder_dim or (768 if big else 256)
+        self.dropout = dropout
+        self.output_stride = int(self.encoder.output_stride)
+        self.name = f"{type(self).__name__}-{encoder}"
+
+    def _decoder(self, out_channels: int) -> AllMLPDecoder:
+        return AllMLPDecoder(self.stage_channels, self.decoder_dim, out_channels, self.dropout)
+
+    def encode(self, x: Tensor) -> list[Tensor]:
+        """Validated input -> the four stage features (strides 4, 8, 16, 32)."""
+        check_input(x, self.output_stride, self.name)
+        return self.encoder(x)[-4:]
+
+
+class SegFormer(_Former):
+    """Single-task SegFormer: shared-style MiT encoder and an all-MLP segmentation decoder.
+
+    Args:
+        encoder: "mit_b0".."mit_b5" (EMUFormer uses mit_b2) or another smp encoder name.
+        num_classes: output classes.
+        dropout: decoder dropout rate (for MC dropout; EMUFormer compares 0.2 and 0.5).
+        pretrained: ImageNet encoder weights (see ``build_segmenter``).
+        weights_path: local encoder state dict instead of the hub.
+        decoder_dim: decoder embedding dim; default 256 for mit_b0/b1 and other encoders, 768
+            for mit_b2..b5 (SegFormer paper).
+
+    References:
+        Xie et al. 2021; EMUFormer (Landgraf et al. 2024), §3.2.1, Fig. 1, Table 1. Taught in
+        notebook 04 (EMUFormer).
+    """
+
+    def __init__(self, encoder: str = "mit_b0", num_classes: int | None = None,
+                 dropout: float = 0.0, pretrained: bool = False,
+                 weights_path: str | os.PathLike | None = None, decoder_dim: int | None = None):
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"SegFormer needs num_classes, a positive int; got {num_classes!r}.")
+        super().__init__(encoder, dropout, pretrained, weights_path, decoder_dim)
+        self.seg_decoder = self._decoder(num_classes)
+        self.segmentation_head = self.seg_decoder.head
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Fused decoder features at 1/4 of the input size."""
+        return self.seg_decoder.forward_features(self.encode(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B, num_classes, H, W]`` (bilinear upsampling from 1/4)."""
+        return _upsample(self.segmentation_head(self.forward_features(x)), x)
+
+
+class DepthFormer(_Former):
+    """Single-task DepthFormer: MiT encoder and an all-MLP depth decoder with two channels.
+
+    Channel 0 through a ReLU is the depth mean, channel 1 through a Softplus the variance.
+    Arguments as ``SegFormer`` without ``num_classes``.
+
+    References:
+        EMUFormer (Landgraf et al. 2024), §3.2.2, Eqs. 4-5, Fig. 2. Taught in notebook 04.
+    """
+
+    def __init__(self, encoder: str = "mit_b0", dropout: float = 0.0, pretrained: bool = False,
+                 weights_path: str | os.PathLike | None = None, decoder_dim: int | None = None):
+        super().__init__(encoder, dropout, pretrained, weights_path, decoder_dim)
+        self.depth_decoder = self._decoder(2)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """``{"depth": [B, H, W] >= 0, "depth_var": [B, H, W] > 0}``."""
+        return _depth_outputs(self.depth_decoder(self.encode(x)), x)
+
+
+class SegDepthFormer(SegFormer):
+    """SegDepthFormer (the EMUFormer student): one shared encoder, a segmentation and a depth decoder.
+
+    Arguments as ``SegFormer``. The two decoders are independent all-MLP decoders of the same
+    width; for mit_b2 that makes 30.5M parameters, as in EMUFormer Table 1.
+
+    References:
+        EMUFormer (Landgraf et al. 2024), §3.2.3, Fig. 3, Table 1. Taught in notebook 04.
+    """
+
+    def __init__(self, encoder: str = "mit_b0", num_classes: int | None = None,
+                 dropout: float = 0.0, pretrained: bool = False,
+                 weights_path: str | os.PathLike | None = None, decoder_dim: int | None = None):
+        super().__init__(encoder, num_classes, dropout, pretrained, weights_path, decoder_dim)
+        self.depth_decoder = self._decoder(2)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """``{"logits": [B, C, H, W], "depth": [B, H, W], "depth_var": [B, H, W]}``."""
+        features = self.encode(x)
+        logits = _upsample(self.seg_decoder(features), x)
+        return {"logits": logits, **_depth_outputs(self.depth_decoder(features), x)}
+
+
+# --------------------------------------------------------------------------- small helpers
+def as_dict(out: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
+    """A model output as a dict: a bare logits tensor becomes ``{"logits": out}``.
+
+    Args:
+        out: a model's output (Tensor or dict).
+
+    Returns:
+        The dict (the same object when ``out`` is already a dict).
+    """
+    if isinstance(out, Tensor):
+        return {"logits": out}
+    if isinstance(out, dict):
+        return out
+    raise ValueError(f"expected a Tensor or a dict of tensors from the model; got {type(out)}. "
+                     "smp models with aux_params return (masks, labels): drop aux_params.")
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters, as in DUDES Table 3 and EMUFormer Table 1.
+
+    Args:
+        model: the model.
+        trainable_only: count only parameters with ``requires_grad``.
+
+    Returns:
+        The count.
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
