@@ -1,0 +1,807 @@
+"""Distillation losses for segmentation and depth, each written as its paper writes it.
+
+Pixel-wise Hinton KD and its reduction conventions (notebook 01), channel-wise distillation,
+the SKD pair-wise and IFVD feature losses (fair baselines, notebook 05), the DUDES uncertainty
+loss (RMSLE) and the EMUFormer multi-task loss (CE + GNLL + KL + RMSLE).
+
+Shapes follow the repo convention: logits/probabilities [B, C, H, W]; labels, uncertainty,
+depth and masks [B, H, W]; ignore label 255. Every loss is computed in float32 (inputs under
+autocast are upcast), treats the teacher as a constant (teacher tensors are detached) and
+rejects mismatched shapes with a ValueError naming both shapes.
+
+Where a loss takes an ``ignore_mask`` (bool [B, H, W], True = ignore) the mean runs over the
+valid pixels only; if *every* pixel is ignored the loss is 0 (still attached to the graph, so a
+crop made only of void pixels trains nothing instead of producing NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "KD_CONVENTIONS",
+    "DUDESLoss",
+    "DistillationLoss",
+    "EMUFormerLoss",
+    "alpha_mix",
+    "ce_plus_kd",
+    "cross_entropy",
+    "cwd_loss",
+    "depth_gnll_loss",
+    "dudes_loss",
+    "emuformer_loss",
+    "ensemble_kl_loss",
+    "ifvd_loss",
+    "kd_convention_factor",
+    "kd_loss",
+    "kd_loss_reduction",
+    "rmsle_loss",
+    "skd_pairwise_loss",
+]
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def _shape(x: Tensor) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def _check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_a} has shape {_shape(a)} but {name_b} has shape {_shape(b)}; they must be "
+            "equal. Resize one of them (e.g. F.interpolate the logits to the label size) first."
+        )
+
+
+def _check_ndim(x: Tensor, ndim: int, name: str, layout: str) -> None:
+    if x.ndim != ndim:
+        raise ValueError(f"{name} has shape {_shape(x)}; expected {ndim} dims {layout}.")
+
+
+def _check_temperature(temperature: float) -> None:
+    if not float(temperature) > 0:  # also rejects NaN
+        raise ValueError(
+            f"temperature={temperature!r}; expected a number > 0 (1.0 = no softening, "
+            "Niemann et al. use 1-16)."
+        )
+
+
+def _check_mask(mask: Tensor | None, like: Tensor, name: str) -> None:
+    """``like`` is a [B, H, W] tensor (or [B, C, H, W], whose C is dropped)."""
+    if mask is None:
+        return
+    expected = (like.shape[0], *like.shape[-2:])
+    if mask.dtype != torch.bool or _shape(mask) != expected:
+        raise ValueError(
+            f"{name} has shape {_shape(mask)} and dtype {mask.dtype}; expected a bool tensor of "
+            f"shape {expected} (True = ignore/invalid as documented). Build one with e.g. "
+            "`labels == 255`."
+        )
+
+
+def _masked_mean(values: Tensor, ignore_mask: Tensor | None) -> Tensor:
+    """Mean of ``values`` [B, H, W] over pixels where ``ignore_mask`` is False; 0 if none."""
+    if ignore_mask is None:
+        return values.mean()
+    keep = ~ignore_mask
+    total = torch.where(keep, values, torch.zeros_like(values)).sum()
+    return total / keep.sum().clamp_min(1)
+
+
+def _safe_sqrt(x: Tensor) -> Tensor:
+    """sqrt with value 0 and gradient 0 at x == 0 (plain sqrt has an infinite gradient there)."""
+    return torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).sqrt(), torch.zeros_like(x))
+
+
+def _pixel_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """KL(softmax(t/τ) ‖ softmax(s/τ)) per pixel, [B, H, W], without the τ² factor."""
+    log_ps = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_pt = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
+    return F.kl_div(log_ps, log_pt, reduction="none", log_target=True).sum(dim=1)
+
+
+def _check_logit_pair(student: Tensor, teacher: Tensor, s_name: str, t_name: str) -> None:
+    _check_ndim(student, 4, s_name, "[B, C, H, W]")
+    _check_same_shape(student, teacher, s_name, t_name)
+
+
+# --------------------------------------------------------------------------- pixel-wise KD
+
+KD_CONVENTIONS: dict[str, str] = {
+    "minikd": "τ²·Σ KL / (B·H·W): mean over pixels (Niemann Eq. 3, our kd_loss). Weight 1.",
+    "cirkd": "τ²·Σ KL / (B·H·W): logits reshaped to [B·H·W, C], KLDiv 'batchmean'. Weight 1.",
+    "skd": "Σ / (H·W), summed over the batch (SKD criterion.py, T=1). Weight ×B.",
+    "ifvd": "KLDivLoss() default 'mean' over all B·C·H·W elements (IFVD, T=1). Weight ×1/C.",
+    "torchdistill": "KDLoss 'batchmean' on [B, C, H, W]: Σ / B, sums over H·W. Weight ×H·W.",
+    "cwd": "Σ / (B·C)·τ² (the CWD normaliser applied to pixel KL). Weight ×H·W/C.",
+}
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    ignore_mask: Tensor | None = None,
+) -> Tensor:
+    """Pixel-wise Hinton KD: τ²·KL(softmax(t/τ) ‖ softmax(s/τ)), averaged over valid pixels.
+
+    Niemann et al. write Eq. 3 as a cross-entropy, −τ² Σ_c σ_c(z_t/τ) log σ_c(z_s/τ). It differs
+    from the KL used here by τ²·H(σ(z_t/τ)), the teacher's entropy, which does not depend on the
+    student: the gradients are identical, but the KL is 0 when student == teacher, so the number
+    you log means "how far from the teacher". The τ² keeps the gradient's size roughly
+    independent of τ: the gradient wrt z_s is τ·(p_s − p_t), which for large τ tends to
+    ((z_s − z̄_s) − (z_t − z̄_t))/C (z̄ = mean over classes); without τ² it would fade as 1/τ².
+
+    The literature reduces the per-pixel KL in at least five ways; with λ fixed, each changes the
+    *effective* KD weight by a factor relative to this function (``kd_loss_reduction`` computes
+    each):
+
+    ============  ==================================  =====================
+    convention    reduction of Σ_{b,h,w} KL            effective weight
+    ============  ==================================  =====================
+    minikd/ours   τ²·Σ / (B·H·W)                       1
+    CIRKD         τ²·Σ / (B·H·W) (pixel batchmean)     1
+    SKD           Σ / (H·W), summed over the batch     ×B (grows with batch)
+    IFVD          mean over all B·C·H·W elements       ×1/C
+    torchdistill  τ²·Σ / B ('batchmean' on 4-D)        ×H·W (grows with crop)
+    CWD           τ²·Σ / (B·C)                         ×H·W/C
+    ============  ==================================  =====================
+
+    So "λ = 10" in SKD and "λ = 10" in torchdistill differ by a factor H·W/B — for a 512×1024
+    crop and batch 8, about 65 000.
+
+    Args:
+        student_logits: [B, C, H, W] student logits.
+        teacher_logits: [B, C, H, W] teacher logits (detached inside).
+        temperature: τ > 0; both distributions are softened by it.
+        ignore_mask: optional bool [B, H, W], True = ignore that pixel. All ignored -> 0.
+
+    Returns:
+        Scalar tensor.
+
+    References:
+        Niemann et al., "Towards Comparable Knowledge Distillation in Semantic Image
+        Segmentation", 2023, Eq. 3 (and Eq. 1 for the mixing, see ``ce_plus_kd``).
+        Hinton et al., "Distilling the Knowledge in a Neural Network", 2015.
+        Taught in notebooks/01_vanilla_kd_temperature.ipynb.
+    """
+    _check_logit_pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
+    _check_temperature(temperature)
+    _check_mask(ignore_mask, student_logits, "ignore_mask")
+    kl = _pixel_kl(student_logits, teacher_logits, temperature)
+    return temperature**2 * _masked_mean(kl, ignore_mask)
+
+
+def kd_loss_reduction(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    convention: str = "minikd",
+) -> Tensor:
+    """The same pixel-wise KD under each named reduction convention of the literature.
+
+    All conventions compute τ²·Σ_{b,h,w} KL(p_t ‖ p_s) and divide by a different count (see the
+    table in ``kd_loss`` and ``KD_CONVENTIONS``). τ² is applied in every convention so that only
+    the *reduction* differs; SKD and IFVD ran at τ = 1, where that makes no difference. SKD's
+    code uses the cross-entropy form (differs by the teacher's entropy, a constant; see
+    ``kd_loss``) — here every convention uses the KL so the values are comparable.
+
+    Args:
+        student_logits: [B, C, H, W] student logits.
+        teacher_logits: [B, C, H, W] teacher logits.
+        temperature: τ > 0.
+        convention: one of ``KD_CONVENTIONS``: "minikd", "cirkd", "skd", "ifvd",
+            "torchdistill", "cwd".
+
+    Returns:
+        Scalar tensor. Ratios to "minikd": cirkd 1, skd B, ifvd 1/C, torchdistill H·W,
+        cwd H·W/C.
+
+    References:
+        SKD (Liu et al., CVPR 2019) utils/criterion.py; IFVD (Wang et al., ECCV 2020);
+        torchdistill KDLoss; CIRKD (Yang et al., CVPR 2022) losses/kd.py; CWD (Shu et al.,
+        ICCV 2021). Taught in notebooks/01_vanilla_kd_temperature.ipynb.
+    """
+    if convention not in KD_CONVENTIONS:
+        raise ValueError(
+            f"convention={convention!r}; expected one of {sorted(KD_CONVENTIONS)}."
+        )
+    _check_logit_pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
+    _check_temperature(temperature)
+    b, c, h, w = student_logits.shape
+    divisor = {
+        "minikd": b * h * w,
+        "cirkd": b * h * w,
+        "skd": h * w,
+        "ifvd": b * c * h * w,
+        "torchdistill": b,
+        "cwd": b * c,
+    }[convention]
+    total = _pixel_kl(student_logits, teacher_logits, temperature).sum()
+    return temperature**2 * total / divisor
+
+
+def kd_convention_factor(convention: str, batch: int, classes: int, height: int,
+                         width: int) -> float:
+    """Effective KD weight of ``convention`` relative to ``kd_loss`` for a given input size.
+
+    ``kd_loss_reduction(s, t, τ, convention) == kd_convention_factor(...) * kd_loss(s, t, τ)``
+    for logits of shape [batch, classes, height, width]. Useful to plot how a published λ
+    would have to change when batch, crop or class count change.
+
+    Args:
+        convention: one of ``KD_CONVENTIONS``.
+        batch, classes, height, width: B, C, H, W of the logits.
+
+    Returns:
+        The multiplicative factor (1 for "minikd" and "cirkd").
+
+    References:
+        See ``kd_loss``. Taught in notebooks/01_vanilla_kd_temperature.ipynb.
+    """
+    if min(batch, classes, height, width) < 1:
+        raise ValueError(f"got B={batch}, C={classes}, H={height}, W={width}; all must be >= 1.")
+    factors = {
+        "minikd": 1.0,
+        "cirkd": 1.0,
+        "skd": float(batch),
+        "ifvd": 1.0 / classes,
+        "torchdistill": float(height * width),
+        "cwd": height * width / classes,
+    }
+    if convention not in factors:
+        raise ValueError(f"convention={convention!r}; expected one of {sorted(KD_CONVENTIONS)}.")
+    return factors[convention]
+
+
+def ce_plus_kd(ce: Tensor, kd: Tensor, lam: float) -> Tensor:
+    """L = L_CE + λ·L_KD (Niemann Eq. 1). λ = 0 is the plain student.
+
+    Args:
+        ce: scalar cross-entropy with the labels.
+        kd: scalar distillation loss (e.g. ``kd_loss``).
+        lam: λ ≥ 0, the KD weight (Niemann's tuned optimum: λ_PI = 0.1).
+
+    Returns:
+        Scalar tensor.
+
+    References:
+        Niemann et al. 2023, Eq. 1. Taught in notebooks/01_vanilla_kd_temperature.ipynb.
+    """
+    if not float(lam) >= 0:
+        raise ValueError(f"lam={lam!r}; expected a KD weight >= 0.")
+    return ce + lam * kd
+
+
+def alpha_mix(ce: Tensor, kd: Tensor, alpha: float) -> Tensor:
+    """L = α·L_CE + (1 − α)·L_KD (U-Net KD paper, §III-A), α in [0, 1].
+
+    Compared with ``ce_plus_kd`` this is the same family up to an overall scale:
+    α·CE + (1−α)·KD = α·(CE + λ·KD) with λ = (1−α)/α, so α also scales the learning rate of
+    the CE term. The paper's default α = 0.1 (τ = 10) means λ = 9 with a 10× smaller step.
+
+    Args:
+        ce: scalar cross-entropy with the labels.
+        kd: scalar distillation loss.
+        alpha: weight of the CE term, in [0, 1].
+
+    Returns:
+        Scalar tensor.
+
+    References:
+        "U-Net knowledge distillation with ensemble teachers" (unet_kd_ensemble_teachers),
+        §III-A, loss = α × student loss + (1 − α) × dist loss. Taught in
+        notebooks/02_unet_ensemble_weighting.ipynb.
+    """
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha={alpha!r}; expected a value in [0, 1] (the paper uses 0.1).")
+    return alpha * ce + (1.0 - alpha) * kd
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
+    """Pixel-wise cross-entropy over labelled pixels; 0 (not NaN) when every pixel is ignored.
+
+    Args:
+        logits: [B, C, H, W].
+        labels: int64 [B, H, W], 0..C-1 or ``ignore_index``.
+        ignore_index: label value that is skipped.
+
+    Returns:
+        Scalar tensor.
+
+    References:
+        Niemann Eq. 2; DUDES Eq. 1; EMUFormer Eq. 2. Taught in
+        notebooks/01_vanilla_kd_temperature.ipynb.
+    """
+    _check_ndim(logits, 4, "logits", "[B, C, H, W]")
+    if _shape(labels) != (logits.shape[0], *logits.shape[-2:]):
+        raise ValueError(
+            f"logits have shape {_shape(logits)} but labels have shape {_shape(labels)}; "
+            "expected labels [B, H, W] with the logits' B, H, W."
+        )
+    total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------------- channel-wise KD
+
+
+def cwd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Channel-wise distillation: τ²·Σ_{b,c} KL(φ(T_bc/τ) ‖ φ(S_bc/τ)) / (B·C).
+
+    φ is a softmax over the H·W positions of one channel, so each class map becomes a spatial
+    distribution ("where is class c?") instead of each pixel a class distribution.
+
+    Args:
+        student_logits: [B, C, H, W] (or any [B, C, H, W] feature map).
+        teacher_logits: [B, C, H, W], same shape.
+        temperature: τ > 0 (mmrazor's Cityscapes config: 1; CIRKD: 4).
+
+    Returns:
+        Scalar tensor.
+
+    References:
+        Shu et al., "Channel-wise Knowledge Distillation for Dense Prediction", ICCV 2021;
+        TorchDistiller SemSeg-distill/utils/criterion.py. Taught in
+        notebook 05 (fair baselines).
+    """
+    _check_logit_pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
+    _check_temperature(temperature)
+    b, c = student_logits.shape[:2]
+    log_ps = F.log_softmax(student_logits.float().flatten(2) / temperature, dim=2)
+    log_pt = F.log_softmax(teacher_logits.detach().float().flatten(2) / temperature, dim=2)
+    kl = F.kl_div(log_ps, log_pt, reduction="sum", log_target=True)
+    return temperature**2 * kl / (b * c)
+
+
+# --------------------------------------------------------------------------- uncertainty losses
+
+
+def rmsle_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Root mean squared logarithmic error: sqrt(mean((log(1+p) − log(1+t))²)) over valid pixels.
+
+    The mean runs over all valid pixels of the batch (as DUDES' ``RMSLELoss``: one square root
+    per batch, not per image). The square root has value and gradient 0 when pred == target
+    (plain ``sqrt`` would give an infinite gradient → NaN). Both inputs must be ≥ 0
+    (uncertainties: DUDES std; EMUFormer variances).
+
+    Args:
+        pred: student uncertainty, [B, H, W] (or any shape).
+        target: teacher uncertainty, same shape (detached inside).
+        mask: optional bool tensor of the same shape, True = **valid** (use this pixel).
+            All False -> 0.
+
+    Returns:
+        Scalar tensor.
+
+    References:
+        Landgraf et al., DUDES, 2023, Eq. 2 (target: std of the ensemble's softmax of the
+        predicted class); Landgraf et al., EMUFormer, 2024, Eq. 9 (target: predictive
+        *variance* σ², Eq. 10, vs the student's variance s²). Taught in
+        notebooks/03_dudes.ipynb and notebook 04 (EMUFormer).
+    """
+    _check_same_shape(pred, target, "pred", "target")
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != pred.shape):
+        raise ValueError(
+            f"mask has shape {_shape(mask)} and dtype {mask.dtype}; expected bool of shape "
+            f"{_shape(pred)} with True = valid pixel."
+        )
+    if bool((pred.detach() < 0).any()) or bool((target < 0).any()):
+        raise ValueError(
+            "rmsle_loss got negative values; uncertainties (std or variance) must be >= 0. "
+            "Did you pass log-variances or raw head outputs before the sigmoid/Softplus?"
+        )
+    diff2 = (torch.log1p(pred.float()) - torch.log1p(target.detach().float())) ** 2
+    if mask is None:
+        return _safe_sqrt(diff2.mean())
+    total = torch.where(mask, diff2, torch.zeros_like(diff2)).sum()
+    return _safe_sqrt(total / mask.sum().clamp_min(1))
+
+
+def ensemble_kl_loss(
+    student_logits: Tensor, teacher_probs: Tensor, ignore_mask: Tensor | None = None
+) -> Tensor:
+    """EMUFormer Eq. 8: Σ_c q_c log(q_c / p_c), averaged over valid pixels.
+
+    The direction is KL(teacher ‖ student): q is the teacher ensemble's *mean softmax* (computed
+    on the colour-jittered image), p the student's softmax. Pixels where q_c = 0 contribute 0
+    (0·log 0 = 0), so fp16-cached teacher probabilities are safe. This equals ``kd_loss`` at
+    τ = 1 with teacher logits log q.
+
+    Args:
+        student_logits: [B, C, H, W] student logits.
+        teacher_probs: [B, C, H, W] teacher mean probabilities (each pixel sums to 1).
+        ignore_mask: optional bool [B, H, W], True = ignore. All ignored -> 0.
+
+    Returns:
+        Scalar tensor.
+
+    References:
+        Landgraf et al., EMUFormer, 2024, Eq. 8 (weighted by w2 = 10 in Eq. 11). Taught in
+        notebook 04 (EMUFormer).
+    """
+    _check_logit_pair(student_logits, teacher_probs, "student_logits", "teacher_probs")
+    _check_mask(ignore_mask, student_logits, "ignore_mask")
+    log_ps = F.log_softmax(student_logits.float(), dim=1)
+    q = teacher_probs.detach().float()
+    kl = F.kl_div(log_ps, q, reduction="none").sum(dim=1)
+    return _masked_mean(kl, ignore_mask)
+
+
+def depth_gnll_loss(
+    mean: Tensor,
+    var: Tensor,
+    target: Tensor,
+    valid: Tensor | None = None,
+    full: bool = False,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Gaussian NLL 0.5·(log s² + (y − μ)²/s²), averaged over valid depth pixels.
+
+    A thin wrapper around ``torch.nn.functional.gaussian_nll_loss`` (which clamps the variance
+    to ``eps`` for stability and adds 0.5·log 2π when ``full``); only the valid-pixel selection
+    is ours.
+
+    Args:
+        mean: predicted depth μ, [B, H, W].
+        var: predicted variance s² > 0, [B, H, W] (Softplus output, EMUFormer Eq. 5).
+        target: ground-truth depth y in metres, [B, H, W].
+        valid: bool [B, H, W], True = valid ground truth. ``None`` -> ``target > 0`` (the repo's
+            convention: depth 0 = invalid). No valid pixel -> 0.
+        full: add the constant 0.5·log(2π).
+        eps: variance clamp passed to torch.
+
+    Returns:
+        Scalar tensor.
+
+    References:
+        EMUFormer Eq. 6 (Nix & Weigend 1994); weighted by w1 = 1 in Eq. 7 and Eq. 11. Taught in
+        notebook 04 (EMUFormer).
+    """
+    _check_same_shape(mean, target, "mean", "target")
+    _check_same_shape(var, target, "var", "target")
+    valid = target > 0 if valid is None else valid
+    if valid.dtype != torch.bool or valid.shape != target.shape:
+        raise ValueError(
+            f"valid has shape {_shape(valid)} and dtype {valid.dtype}; expected bool of shape "
+            f"{_shape(target)} (True = valid depth)."
+        )
+    if not bool(valid.any()):
+        return mean.sum() * 0.0
+    return F.gaussian_nll_loss(
+        mean[valid].float(), target[valid].float(), var[valid].float(),
+        full=full, eps=eps, reduction="mean",
+    )
+
+
+def dudes_loss(
+    logits: Tensor,
+    uncertainty: Tensor,
+    labels: Tensor,
+    teacher_uncertainty: Tensor,
+    ignore_index: int = 255,
+    unc_mask: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """DUDES: L = L_S + L_U = CE(logits, labels) + RMSLE(uncertainty, teacher_uncertainty).
+
+    No hyperparameter and no soft-label KD: the segmentation branch only sees hard labels.
+
+    Args:
+        logits: student logits [B, C, H, W].
+        uncertainty: student uncertainty in [0, 1], [B, H, W] (sigmoid head).
+        labels: int64 [B, H, W].
+        teacher_uncertainty: [B, H, W], std across members of the softmax prob of the
+            ensemble's predicted class.
+        ignore_index: label ignored by the CE.
+        unc_mask: optional bool [B, H, W], True = valid for the RMSLE (``None``: every pixel,
+            as the paper's Cityscapes code).
+
+    Returns:
+        (total, {"ce": ..., "rmsle": ...}).
+
+    References:
+        Landgraf et al., DUDES, 2023, Eq. 1-3. Taught in notebooks/03_dudes.ipynb.
+    """
+    ce = cross_entropy(logits, labels, ignore_index)
+    rmsle = rmsle_loss(uncertainty, teacher_uncertainty, unc_mask)
+    return ce + rmsle, {"ce": ce.detach(), "rmsle": rmsle.detach()}
+
+
+def emuformer_loss(
+    logits: Tensor,
+    depth: Tensor,
+    depth_var: Tensor,
+    labels: Tensor,
+    depth_target: Tensor,
+    teacher_probs: Tensor,
+    teacher_depth_var: Tensor,
+    *,
+    weights: tuple[float, float, float] = (1.0, 10.0, 1.0),
+    ignore_index: int = 255,
+    depth_valid: Tensor | None = None,
+    kl_ignore_mask: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """EMUFormer: L = L_CE + w1·L_GNLL + w2·L_KL + w3·L_RMSLE (Eq. 11), w1 = w3 = 1, w2 = 10.
+
+    CE on the labels; GNLL of the student's depth mean/variance on ground-truth depth (valid
+    pixels); KL(teacher mean softmax ‖ student softmax) (Eq. 8); RMSLE between the student's
+    variance s² and the teacher's predictive variance σ² (Eq. 9-10) over every pixel.
+
+    Args:
+        logits: [B, C, H, W] student logits.
+        depth: [B, H, W] student depth mean μ.
+        depth_var: [B, H, W] student depth variance s².
+        labels: int64 [B, H, W].
+        depth_target: [B, H, W] ground-truth depth in metres (0 = invalid).
+        teacher_probs: [B, C, H, W] teacher mean softmax.
+        teacher_depth_var: [B, H, W] teacher predictive variance σ² (Eq. 10).
+        weights: (w1, w2, w3).
+        ignore_index: label ignored by the CE.
+        depth_valid: bool [B, H, W] True = valid depth; ``None`` -> ``depth_target > 0``.
+        kl_ignore_mask: optional bool [B, H, W], True = leave out of the KL.
+
+    Returns:
+        (total, {"ce", "gnll", "kl", "rmsle"}) — the terms unweighted and detached.
+
+    References:
+        Landgraf et al., EMUFormer, 2024, Eq. 6, 8, 9, 11. Taught in
+        notebook 04 (EMUFormer).
+    """
+    w1, w2, w3 = weights
+    terms = {
+        "ce": cross_entropy(logits, labels, ignore_index),
+        "gnll": depth_gnll_loss(depth, depth_var, depth_target, depth_valid),
+        "kl": ensemble_kl_loss(logits, teacher_probs, kl_ignore_mask),
+        "rmsle": rmsle_loss(depth_var, teacher_depth_var),
+    }
+    total = terms["ce"] + w1 * terms["gnll"] + w2 * terms["kl"] + w3 * terms["rmsle"]
+    return total, {k: v.detach() for k, v in terms.items()}
+
+
+# --------------------------------------------------------------------------- feature losses
+
+
+def _check_feature_pair(fs: Tensor, ft: Tensor) -> None:
+    _check_ndim(fs, 4, "fs", "[B, C_s, H, W]")
+    _check_ndim(ft, 4, "ft", "[B, C_t, H, W]")
+    if fs.shape[0] != ft.shape[0] or fs.shape[-2:] != ft.shape[-2:]:
+        raise ValueError(
+            f"fs has shape {_shape(fs)} but ft has shape {_shape(ft)}; batch and spatial size "
+            "must match (channels may differ). Interpolate one feature map to the other's size."
+        )
+
+
+def _skd_similarity(feat: Tensor, detach_norm: bool) -> Tensor:
+    """A = Fᵀ F of L2-normalised node features: [B, HW, HW]."""
+    norm = feat.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-8
+    feat = feat / (norm.detach() if detach_norm else norm)
+    flat = feat.flatten(2)
+    return torch.einsum("bcm,bcn->bmn", flat, flat)
+
+
+def skd_pairwise_loss(
+    fs: Tensor, ft: Tensor, pool_scale: float = 0.5, variant: str = "original"
+) -> Tensor:
+    """SKD pair-wise loss: Σ (A_T − A_S)² / (H'W')² / B over max-pooled node affinities.
+
+    ``variant="original"`` (SKD code): max-pool with kernel = stride = (⌊pool_scale·H⌋,
+    ⌊pool_scale·W⌋) (ceil_mode), so pool_scale 0.5 gives a 2×2 grid of nodes; features are
+    L2-normalised along C with the norm *detached* (a constant for the gradient).
+    ``variant="cirkd"`` (CIRKD's reimplementation, also used by later papers): a fixed 2×2
+    kernel, so (H/2)·(W/2) nodes — a much finer graph — and a differentiable ``F.normalize``;
+    ``pool_scale`` is ignored. Both reduce as the mean of (A_T − A_S)² over B·(H'W')² entries.
+    Channel counts of student and teacher may differ (the affinities are H'W' × H'W').
+
+    Args:
+        fs: student features [B, C_s, H, W].
+        ft: teacher features [B, C_t, H, W] (detached inside).
+        pool_scale: node size as a fraction of the feature map (original variant).
+        variant: "original" or "cirkd".
+
+    Returns:
+        Scalar tensor (SKD used λ_pa = 0.5).
+
+    References:
+        Liu et al., "Structured Knowledge Distillation for Semantic Segmentation", CVPR 2019,
+        pair-wise loss (irfanICMLL/structure_knowledge_distillation utils/criterion.py);
+        winycg/CIRKD losses/skd.py. Taught in notebook 05 (fair baselines).
+    """
+    _check_feature_pair(fs, ft)
+    if variant == "original":
+        if not 0 < pool_scale <= 1:
+            raise ValueError(f"pool_scale={pool_scale!r}; expected 0 < pool_scale <= 1.")
+        h, w = fs.shape[-2:]
+        kernel = (max(1, int(h * pool_scale)), max(1, int(w * pool_scale)))
+    elif variant == "cirkd":
+        kernel = (2, 2)
+    else:
+        raise ValueError(f"variant={variant!r}; expected 'original' or 'cirkd'.")
+    detach_norm = variant == "original"
+    ps = F.max_pool2d(fs.float(), kernel, kernel, ceil_mode=True)
+    pt = F.max_pool2d(ft.detach().float(), kernel, kernel, ceil_mode=True)
+    a_s, a_t = _skd_similarity(ps, detach_norm), _skd_similarity(pt, detach_norm)
+    return ((a_t - a_s) ** 2).mean()
+
+
+def _ifv_map(feat: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """cos(f_p, c_{y_p}) per pixel, with per-image class prototypes c_k; [B, H, W]."""
+    onehot = F.one_hot(labels.clamp_max(num_classes), num_classes + 1)[..., :num_classes]
+    onehot = onehot.permute(0, 3, 1, 2).to(feat.dtype)  # [B, K, H, W]; ignore -> all zeros
+    sums = torch.einsum("bkhw,bchw->bkc", onehot, feat)
+    protos = sums / onehot.sum(dim=(2, 3)).clamp_min(1e-6).unsqueeze(-1)  # [B, K, C]
+    own = torch.einsum("bkhw,bkc->bchw", onehot, protos)  # prototype of each pixel's class
+    return F.cosine_similarity(feat, own, dim=1)
+
+
+def ifvd_loss(
+    fs: Tensor,
+    ft: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    ignore_index: int = 255,
+    count_ignored: bool = False,
+) -> Tensor:
+    """IFVD: MSE between student and teacher intra-class feature variation maps.
+
+    Labels are nearest-resized to the feature size. Per image, each class k has a prototype
+    c_k = mean of the features of its pixels; IFV(p) = cos(f_p, c_{y_p}); the loss is the mean
+    of (IFV_S − IFV_T)² over the labelled pixels.
+
+    Ignore handling: in the original code an ignore pixel becomes its own "prototype"
+    (cos = 1 for student and teacher), so it adds 0 but still counts in the mean's
+    denominator — the loss shrinks as the share of void pixels grows. We leave ignore pixels
+    out of the mean (all ignored -> 0). ``count_ignored=True`` reproduces the original
+    (loss × n_valid / n_total).
+
+    Args:
+        fs: student features [B, C_s, h, w].
+        ft: teacher features [B, C_t, h, w] (detached inside; channels may differ).
+        labels: int64 [B, H, W] (any resolution), 0..num_classes-1 or ``ignore_index``.
+        num_classes: number of classes K.
+        ignore_index: label to ignore.
+        count_ignored: divide by every pixel, as the original code.
+
+    Returns:
+        Scalar tensor (IFVD used λ_ifv = 200).
+
+    References:
+        Wang et al., "Intra-class Feature Variation Distillation for Semantic Segmentation",
+        ECCV 2020 (YukangWang/IFVD utils/criterion.py CriterionIFV). Taught in
+        notebook 05 (fair baselines).
+    """
+    _check_feature_pair(fs, ft)
+    _check_ndim(labels, 3, "labels", "[B, H, W]")
+    if labels.shape[0] != fs.shape[0]:
+        raise ValueError(f"fs has shape {_shape(fs)} but labels have shape {_shape(labels)}; "
+                         "the batch sizes must match.")
+    bad = (labels < 0) | ((labels >= num_classes) & (labels != ignore_index))
+    if bool(bad.any()):
+        raise ValueError(f"labels contain {int(labels[bad][0])}; expected 0..{num_classes - 1} "
+                         f"or {ignore_index} (ignore).")
+    small = F.interpolate(labels[:, None].float(), size=fs.shape[-2:], mode="nearest")
+    small = small[:, 0].long()
+    ignore = small == ignore_index
+    small = torch.where(ignore, torch.full_like(small, num_classes), small)
+    ifv_s = _ifv_map(fs.float(), small, num_classes)
+    ifv_t = _ifv_map(ft.detach().float(), small, num_classes)
+    sq = (ifv_s - ifv_t) ** 2
+    return sq.mean() if count_ignored else _masked_mean(sq, ignore)
+
+
+# --------------------------------------------------------------------------- training.fit glue
+
+
+def _logits_of(outputs: Tensor | Mapping[str, Tensor]) -> Tensor:
+    return outputs if isinstance(outputs, Tensor) else outputs["logits"]
+
+
+def _require(batch: Mapping[str, Tensor], key: str, who: str) -> Tensor:
+    if key not in batch:
+        raise ValueError(f"{who} needs batch[{key!r}], but the batch has keys {sorted(batch)}. "
+                         "Wrap the dataset with the teacher cache (minikd.ensembles.TeacherCache).")
+    return batch[key]
+
+
+class DistillationLoss:
+    """``loss_fn(outputs, batch)`` for ``training.fit``: CE on labels + pixel-wise KD.
+
+    The teacher target comes from the batch: ``batch["teacher_logits"]`` if present, else
+    ``batch["teacher_probs"]`` (probabilities are turned into logits with log, which is exact:
+    softmax(log q / τ) = q^(1/τ) / Σ q^(1/τ)). Pixels whose cached teacher probabilities sum to
+    < 0.5 carry no target (padding added by RandomCrop: floating maps are padded with 0) and
+    are left out of the KD, as are void-labelled pixels when ``mask_void``.
+
+    Args:
+        temperature: τ of ``kd_loss``.
+        lam: KD weight λ for L = CE + λ·KD (Niemann Eq. 1), or
+        alpha: CE weight α for L = α·CE + (1−α)·KD (U-Net KD paper). Give exactly one.
+        ignore_index: label ignored by the CE.
+        mask_void: also leave void-labelled pixels out of the KD (default: keep them, as SKD
+            and CIRKD do — the teacher has an opinion there too).
+
+    Returns (when called):
+        (loss, {"ce": ..., "kd": ...}), terms detached.
+
+    References:
+        Niemann et al. 2023, Eq. 1-3; U-Net KD paper §III-A. Taught in
+        notebooks/01_vanilla_kd_temperature.ipynb and notebooks/02_unet_ensemble_weighting.ipynb.
+    """
+
+    def __init__(self, temperature: float = 1.0, *, lam: float | None = None,
+                 alpha: float | None = None, ignore_index: int = 255,
+                 mask_void: bool = False) -> None:
+        if (lam is None) == (alpha is None):
+            raise ValueError(f"got lam={lam!r}, alpha={alpha!r}; give exactly one: lam=0.1 for "
+                             "CE + λ·KD (Niemann) or alpha=0.1 for α·CE + (1−α)·KD (U-Net KD).")
+        _check_temperature(temperature)
+        self.temperature, self.lam, self.alpha = temperature, lam, alpha
+        self.ignore_index, self.mask_void = ignore_index, mask_void
+
+    def _teacher(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        if "teacher_logits" in batch:
+            return batch["teacher_logits"], None
+        probs = _require(batch, "teacher_probs", "DistillationLoss").float()
+        return probs.clamp_min(1e-8).log(), probs.sum(dim=1) < 0.5
+
+    def __call__(self, outputs, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        logits, labels = _logits_of(outputs), batch["mask"]
+        teacher, ignore = self._teacher(batch)
+        if self.mask_void:
+            void = labels == self.ignore_index
+            ignore = void if ignore is None else ignore | void
+        ce = cross_entropy(logits, labels, self.ignore_index)
+        kd = kd_loss(logits, teacher, self.temperature, ignore)
+        if self.lam is not None:
+            total = ce_plus_kd(ce, kd, self.lam)
+        else:
+            total = alpha_mix(ce, kd, self.alpha)
+        return total, {"ce": ce.detach(), "kd": kd.detach()}
+
+
+class DUDESLoss:
+    """``loss_fn(outputs, batch)`` for the DUDES student (``dudes_loss``).
+
+    Reads ``outputs["logits"]``, ``outputs["uncertainty"]``, ``batch["mask"]`` and
+    ``batch[teacher_key]`` (default "teacher_unc", from the teacher cache).
+
+    References:
+        DUDES Eq. 3. Taught in notebooks/03_dudes.ipynb.
+    """
+
+    def __init__(self, ignore_index: int = 255, teacher_key: str = "teacher_unc") -> None:
+        self.ignore_index, self.teacher_key = ignore_index, teacher_key
+
+    def __call__(self, outputs, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        target = _require(batch, self.teacher_key, "DUDESLoss")
+        return dudes_loss(outputs["logits"], outputs["uncertainty"], batch["mask"],
+                          target.float(), self.ignore_index)
+
+
+class EMUFormerLoss:
+    """``loss_fn(outputs, batch)`` for the EMUFormer student (``emuformer_loss``).
+
+    Reads ``outputs["logits"|"depth"|"depth_var"]`` and ``batch["mask"]``, ``batch["depth"]``,
+    ``batch["teacher_probs"]``, ``batch[var_key]`` (default "teacher_depth_var"). Pixels whose
+    cached teacher probabilities sum to < 0.5 (crop padding) are left out of the KL.
+
+    References:
+        EMUFormer Eq. 11. Taught in notebook 04 (EMUFormer).
+    """
+
+    def __init__(self, weights: tuple[float, float, float] = (1.0, 10.0, 1.0),
+                 ignore_index: int = 255, var_key: str = "teacher_depth_var") -> None:
+        self.weights, self.ignore_index, self.var_key = weights, ignore_index, var_key
+
+    def __call__(self, outputs, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        probs = _require(batch, "teacher_probs", "EMUFormerLoss").float()
+        var_t = _require(batch, self.var_key, "EMUFormerLoss").float()
+        return emuformer_loss(
+            outputs["logits"], outputs["depth"], outputs["depth_var"], batch["mask"],
+            batch["depth"], probs, var_t, weights=self.weights,
+            ignore_index=self.ignore_index, kl_ignore_mask=probs.sum(dim=1) < 0.5,
+        )
