@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minikd.metrics import count_parameters  # re-exported: one definition, in metrics.py
+
 __all__ = [
     "SUPPORTED_ARCHS",
     "SUPPORTED_ENCODERS",
@@ -712,14 +714,3 @@ def as_dict(out: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
                      "smp models with aux_params return (masks, labels): drop aux_params.")
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    """Number of (trainable) parameters, as in DUDES Table 3 and EMUFormer Table 1.
-
-    Args:
-        model: the model.
-        trainable_only: count only parameters with ``requires_grad``.
-
-    Returns:
-        The count.
-    """
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

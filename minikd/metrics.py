@@ -1,0 +1,811 @@
+"""Metrics for segmentation, calibration, uncertainty and depth, plus cost counters.
+
+What each paper reports, in one place:
+
+=====================================  ===================================================
+metric                                 used by
+=====================================  ===================================================
+``SegmentationMeter`` (mIoU, IoU, acc)  every notebook (streaming confusion matrix)
+``ece``                                EMUFormer §4 (top-label, 15 equal-width bins)
+``uncertainty_accuracy``               EMUFormer §4 after Mukhoti & Gal: p(accurate|certain),
+                                       p(uncertain|inaccurate), PAvPU
+``auroc`` / ``average_precision`` /    error and unknown-object detection from an uncertainty
+``fpr_at_95_tpr``                      score (higher score = more likely positive)
+``class_wise_uncertainty``             DUDES Table 2 (mUnc per predicted class)
+``removal_curve(_area)``               DUDES Fig. 4 (mIoU after dropping uncertain pixels)
+``depth_metrics``,                     EMUFormer §4: RMSE, AbsRel, δ1/δ2/δ3 and Eq. 13
+``depth_uncertainty_accuracy``
+``entropy`` / ``mutual_information``   total and epistemic uncertainty of an ensemble
+``count_parameters`` / ``count_flops``  DUDES Table 3, EMUFormer Table 1
+/ ``time_inference``
+=====================================  ===================================================
+
+Shapes follow the repo convention: probabilities [B, C, H, W]; labels, predictions, scores and
+uncertainty [B, H, W] (a single image [H, W] / [C, H, W] is accepted too); ignore label 255.
+Every metric pools *pixels* over the whole batch (not a mean of per-image values), except the
+uncertainty threshold of ``uncertainty_accuracy``, which is chosen per image as EMUFormer does.
+Scalar results are Python floats; per-class results are float64 tensors on the CPU.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "SegmentationMeter",
+    "auroc",
+    "average_precision",
+    "class_wise_uncertainty",
+    "count_flops",
+    "count_parameters",
+    "depth_metrics",
+    "depth_uncertainty_accuracy",
+    "ece",
+    "entropy",
+    "fpr_at_95_tpr",
+    "mutual_information",
+    "removal_curve",
+    "removal_curve_area",
+    "time_inference",
+    "uncertainty_accuracy",
+]
+
+Threshold = str | float
+
+
+# --------------------------------------------------------------------------------------------
+# input checks shared by every metric
+# --------------------------------------------------------------------------------------------
+def _check_same_shape(**tensors: Tensor) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{n} {s}" for n, s in shapes.items())
+        hint = ""
+        if any(len(s) == 4 for s in shapes.values()):
+            hint = " Did you pass logits [B, C, H, W] where a map was expected? Use .argmax(1)."
+        raise ValueError(f"shape mismatch: {listed}; expected all equal ([B, H, W] or [H, W]).{hint}")
+
+
+def _check_labels(labels: Tensor, num_classes: int, ignore_index: int, name: str = "labels") -> None:
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"{name} must be an integer tensor, got dtype {labels.dtype}.")
+    bad = (labels < 0) | (labels >= num_classes)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
+    if bool(bad.any()):
+        values = torch.unique(labels[bad])[:8].tolist()
+        allowed = f"0..{num_classes - 1}" + (f" or {ignore_index} (ignore)" if name == "labels" else "")
+        raise ValueError(
+            f"{name} contain {values}; expected {allowed}. Did you pass Cityscapes labelIds "
+            "instead of trainIds, or set num_classes too small?"
+        )
+
+
+def _pixel_maps(*maps: Tensor) -> tuple[Tensor, ...]:
+    """Bring [H, W] maps to [1, H, W]; leave [B, H, W] alone."""
+    out = []
+    for m in maps:
+        if m.dim() == 2:
+            m = m.unsqueeze(0)
+        if m.dim() != 3:
+            raise ValueError(
+                f"expected a per-pixel map [B, H, W] or [H, W], got shape {tuple(m.shape)}."
+            )
+        out.append(m)
+    return tuple(out)
+
+
+def _confusion(pred: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Confusion matrix [C, C] (rows = true class, columns = predicted) of valid pixels."""
+    idx = labels.reshape(-1).long() * num_classes + pred.reshape(-1).long()
+    return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def _iou(confusion: Tensor) -> Tensor:
+    """Per-class IoU = TP / (TP + FP + FN); NaN where a class is in neither labels nor preds."""
+    conf = confusion.double().cpu()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+
+
+def _nanmean(x: Tensor) -> float:
+    return float(x.nanmean()) if bool((~x.isnan()).any()) else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# segmentation quality
+# --------------------------------------------------------------------------------------------
+class SegmentationMeter:
+    """Streaming confusion matrix giving mIoU, per-class IoU and pixel accuracy.
+
+    Feed it batch after batch with ``update`` and read the result with ``compute``; the result
+    equals that of one big batch (the matrix is a sum of ``torch.bincount`` counts).
+
+    **Absent classes.** IoU_c = TP / (TP + FP + FN). A class that appears neither in the labels
+    nor in the predictions has 0/0: its IoU is NaN and it is *excluded* from the mean (mIoU is
+    the ``nanmean`` over classes). A class that is predicted but never labelled has IoU 0 and
+    counts. torchmetrics' ``MulticlassJaccardIndex`` instead scores such a class 0 by default
+    (``zero_division=0``), which lowers its mean on small images.
+
+    Args:
+        num_classes: number of classes C; labels and predictions must be in 0..C-1.
+        ignore_index: label of void pixels (not counted anywhere).
+
+    References:
+        Everingham et al., "The PASCAL VOC Challenge" (IJCV 2010) for the IoU; DUDES Table 1,
+        EMUFormer §4 report mIoU. Taught in notebooks/01_vanilla_kd_temperature.ipynb onwards.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every pixel seen so far."""
+        self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, labels: Tensor) -> None:
+        """Add a batch.
+
+        Args:
+            pred: predicted classes [B, H, W] or [H, W] (integer), or class scores
+                [B, C, H, W] (logits or probabilities; the argmax over dim 1 is taken).
+            labels: true classes [B, H, W] or [H, W], 0..C-1 or ``ignore_index``.
+        """
+        if pred.is_floating_point() and pred.dim() == labels.dim() + 1:
+            pred = pred.argmax(1 if pred.dim() == 4 else 0)
+        _check_same_shape(pred=pred, labels=labels)
+        _check_labels(labels, self.num_classes, self.ignore_index)
+        _check_labels(pred, self.num_classes, None, name="pred")
+        valid = labels != self.ignore_index
+        counts = _confusion(pred[valid], labels[valid], self.num_classes)
+        self.confusion += counts.cpu()
+
+    def compute(self) -> dict[str, float | Tensor]:
+        """Metrics of everything seen since the last ``reset``.
+
+        Returns:
+            ``{"miou": float, "iou": Tensor[C] (float64, NaN for absent classes),
+            "pixel_acc": float, "confusion": Tensor[C, C] (int64, rows = true class)}``.
+            With no pixel seen, every value is NaN.
+        """
+        iou = _iou(self.confusion)
+        total = int(self.confusion.sum())
+        acc = float(self.confusion.diag().sum()) / total if total else float("nan")
+        return {"miou": _nanmean(iou), "iou": iou, "pixel_acc": acc,
+                "confusion": self.confusion.clone()}
+
+
+# --------------------------------------------------------------------------------------------
+# calibration
+# --------------------------------------------------------------------------------------------
+def _top_label(probs: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Confidence and correctness (float32, 1-D) of the top class over valid pixels.
+
+    Accepts probs [B, C, H, W] / labels [B, H, W], one image [C, H, W] / [H, W], or [N, C] / [N].
+    """
+    if probs.dim() == 3 and labels.dim() == 2:  # one image [C, H, W] with [H, W]
+        probs, labels = probs.unsqueeze(0), labels.unsqueeze(0)
+    if probs.dim() != labels.dim() + 1 or probs.shape[2:] != labels.shape[1:] or \
+            probs.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"probs {tuple(probs.shape)} and labels {tuple(labels.shape)} do not fit; expected "
+            "probs [B, C, H, W] with labels [B, H, W] (or [C, H, W] with [H, W])."
+        )
+    if bool((probs < -1e-6).any()) or bool((probs > 1 + 1e-3).any()):
+        raise ValueError("probs are outside [0, 1]; did you pass logits? Apply .softmax(1) first.")
+    _check_labels(labels, probs.shape[1], ignore_index)
+    conf, pred = probs.max(1)
+    valid = labels != ignore_index
+    return conf[valid].float(), (pred[valid] == labels[valid]).float()
+
+
+@torch.no_grad()
+def ece(probs: Tensor, labels: Tensor, n_bins: int = 15, ignore_index: int = 255) -> float:
+    """Expected calibration error of the top label, pooled over all valid pixels.
+
+    ECE = Σ_b (n_b / N) · |acc_b − conf_b| over ``n_bins`` equal-width confidence bins
+    [k/M, (k+1)/M). Binning matches torchmetrics' ``MulticlassCalibrationError(norm="l1")``
+    exactly: ``bucketize(conf, linspace(0, 1, M+1), right=True) - 1``, so bins are closed on the
+    left and open on the right and a confidence of exactly 1.0 (a one-hot prediction) falls in
+    its own extra bin rather than in the last one.
+
+    Args:
+        probs: class probabilities [B, C, H, W] (or [C, H, W]); not logits.
+        labels: true classes [B, H, W] (or [H, W]), 0..C-1 or ``ignore_index``.
+        n_bins: number of equal-width bins M (15 as in Guo et al. and torchmetrics).
+        ignore_index: label of pixels left out.
+
+    Returns:
+        ECE in [0, 1] as a float; NaN if no pixel is valid.
+
+    References:
+        Guo et al., "On Calibration of Modern Neural Networks" (ICML 2017), Eq. 3; EMUFormer §4.
+        Taught in notebook 04 (EMUFormer).
+    """
+    if not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}.")
+    conf, correct = _top_label(probs, labels, ignore_index)
+    if conf.numel() == 0:
+        return float("nan")
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=conf.dtype, device=conf.device)
+    idx = torch.bucketize(conf, edges, right=True) - 1  # conf == 1.0 -> bin n_bins
+    count = torch.bincount(idx, minlength=n_bins + 1).double()
+    conf_sum = torch.bincount(idx, weights=conf.double(), minlength=n_bins + 1)
+    acc_sum = torch.bincount(idx, weights=correct.double(), minlength=n_bins + 1)
+    return float((acc_sum - conf_sum).abs().sum() / count.sum())
+
+
+# --------------------------------------------------------------------------------------------
+# accuracy versus certainty (Mukhoti & Gal)
+# --------------------------------------------------------------------------------------------
+def _median(x: Tensor) -> Tensor:
+    """The usual median: mean of the two middle values for an even count."""
+    v = x.sort().values
+    n = v.numel()
+    return (v[(n - 1) // 2] + v[n // 2]) / 2
+
+
+def _image_thresholds(uncertainty: Tensor, valid: Tensor, threshold: Threshold) -> Tensor:
+    """One threshold per image [B] (float64): mean/median of its valid pixels, or a number."""
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        return torch.full((uncertainty.shape[0],), float(threshold), dtype=torch.float64)
+    if threshold not in ("mean", "median"):
+        raise ValueError(f"threshold must be 'mean', 'median' or a number, got {threshold!r}.")
+    reduce = torch.mean if threshold == "mean" else _median
+    out = []
+    for u, v in zip(uncertainty, valid):
+        out.append(float(reduce(u[v].double())) if bool(v.any()) else float("nan"))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _accuracy_vs_certainty(
+    accurate: Tensor, uncertainty: Tensor, valid: Tensor, threshold: Threshold
+) -> dict[str, float | int | Tensor]:
+    thr = _image_thresholds(uncertainty, valid, threshold)
+    certain = uncertainty.double() < thr.to(uncertainty.device).view(-1, 1, 1)  # ties: uncertain
+    acc, cer = accurate[valid], certain[valid]
+    n_ac, n_au = int((acc & cer).sum()), int((acc & ~cer).sum())
+    n_ic, n_iu = int((~acc & cer).sum()), int((~acc & ~cer).sum())
+
+    def ratio(num: int, den: int) -> float:
+        return num / den if den else float("nan")
+
+    return {
+        "p_accurate_certain": ratio(n_ac, n_ac + n_ic),
+        "p_uncertain_inaccurate": ratio(n_iu, n_ic + n_iu),
+        "pavpu": ratio(n_ac + n_iu, n_ac + n_au + n_ic + n_iu),
+        "n_ac": n_ac, "n_au": n_au, "n_ic": n_ic, "n_iu": n_iu,
+        "threshold": thr,
+    }
+
+
+@torch.no_grad()
+def uncertainty_accuracy(
+    uncertainty: Tensor,
+    pred: Tensor,
+    labels: Tensor,
+    threshold: Threshold = "mean",
+    ignore_index: int = 255,
+) -> dict[str, float | int | Tensor]:
+    """p(accurate|certain), p(uncertain|inaccurate) and PAvPU of pixel-wise uncertainty.
+
+    A valid pixel is *accurate* if ``pred == label`` and *certain* if its uncertainty is
+    **strictly below** the threshold of its image; a pixel whose uncertainty equals the threshold
+    counts as uncertain (Mukhoti & Gal: "uncertain if u ≥ u_T"). With the counts n_ac
+    (accurate & certain), n_au, n_ic, n_iu pooled over the batch:
+
+    * p(accurate|certain) = n_ac / (n_ac + n_ic)
+    * p(uncertain|inaccurate) = n_iu / (n_ic + n_iu)
+    * PAvPU = (n_ac + n_iu) / (n_ac + n_au + n_ic + n_iu)
+
+    A ratio whose denominator is 0 is NaN. Beware: google/uncertainty-baselines
+    (``experimental/cityscapes/uncertainty_metrics.py``) builds its map as ``entropy >= th`` (1 =
+    uncertain) and then counts ``accurate & map`` as "accurate and certain", i.e. swaps the two;
+    tests/test_metrics.py pins the right orientation on a hand-counted example.
+
+    Args:
+        uncertainty: per-pixel uncertainty [B, H, W] or [H, W] (higher = less sure).
+        pred: predicted classes, same shape.
+        labels: true classes, same shape; ``ignore_index`` pixels are left out everywhere,
+            including from the threshold.
+        threshold: ``"mean"`` (default, EMUFormer §4: "the mean uncertainty of a given image") or
+            ``"median"`` of each image's valid pixels, or one number for every image.
+        ignore_index: label of void pixels.
+
+    Returns:
+        ``{"p_accurate_certain", "p_uncertain_inaccurate", "pavpu"}`` (floats), the counts
+        ``"n_ac", "n_au", "n_ic", "n_iu"`` (ints) and ``"threshold"`` (float64 tensor [B], one per
+        image; NaN for an image without valid pixels).
+
+    References:
+        Mukhoti & Gal, "Evaluating Bayesian Deep Learning Methods for Semantic Segmentation"
+        (arXiv:1811.12709), §4 (pixel-wise, 1×1 patches here); EMUFormer §4.
+        Taught in notebook 04 (EMUFormer).
+    """
+    uncertainty, pred, labels = _pixel_maps(uncertainty, pred, labels)
+    _check_same_shape(uncertainty=uncertainty, pred=pred, labels=labels)
+    valid = labels != ignore_index
+    return _accuracy_vs_certainty(pred == labels, uncertainty, valid, threshold)
+
+
+# --------------------------------------------------------------------------------------------
+# detection of errors / unknown objects from a score (exact, tie-aware)
+# --------------------------------------------------------------------------------------------
+_SUBSAMPLE_SEED = 0
+
+
+def _flat_scores(
+    scores: Tensor, positives: Tensor, valid: Tensor | None, max_samples: int | None
+) -> tuple[Tensor, Tensor]:
+    _check_same_shape(scores=scores, positives=positives)
+    s, p = scores.reshape(-1), positives.reshape(-1).bool()
+    if valid is not None:
+        _check_same_shape(scores=scores, valid=valid)
+        keep = valid.reshape(-1).bool()
+        s, p = s[keep], p[keep]
+    if bool(s.isnan().any()):
+        raise ValueError("scores contain NaN; check the uncertainty map (0·log 0?).")
+    if max_samples is not None and s.numel() > max_samples:
+        gen = torch.Generator().manual_seed(_SUBSAMPLE_SEED)
+        idx = torch.randint(s.numel(), (max_samples,), generator=gen).to(s.device)
+        s, p = s[idx], p[idx]
+    return s.double(), p
+
+
+def _binary_curve(scores: Tensor, positives: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Cumulative true/false positives at each distinct threshold, from the highest score down.
+
+    Tied scores enter together (one point per distinct value), which is what makes the
+    metrics below exact under ties. Returns None (with a warning) if a class is missing.
+    """
+    n_pos = int(positives.sum())
+    if n_pos == 0 or n_pos == positives.numel():
+        warnings.warn(
+            f"{n_pos} positives among {positives.numel()} samples: the metric needs both "
+            "positives and negatives; returning NaN.", stacklevel=3
+        )
+        return None
+    s, order = torch.sort(scores, descending=True)
+    pos = positives[order].double()
+    last_of_run = torch.ones_like(s, dtype=torch.bool)
+    last_of_run[:-1] = s[1:] != s[:-1]
+    tps = pos.cumsum(0)[last_of_run]
+    fps = (torch.arange(1, s.numel() + 1, device=s.device, dtype=torch.float64)[last_of_run]
+           - tps)
+    return tps, fps
+
+
+def auroc(
+    scores: Tensor,
+    positives: Tensor,
+    valid: Tensor | None = None,
+    max_samples: int | None = None,
+) -> float:
+    """Area under the ROC curve (exact, ties count one half), higher score = positive.
+
+    Args:
+        scores: any shape, e.g. uncertainty [B, H, W].
+        positives: bool, same shape, e.g. ``pred != labels`` (misclassification) or an OOD mask.
+        valid: optional bool mask, same shape; pixels where it is False are left out (e.g.
+            ``labels != 255``). Alternatively index ``scores[valid]`` yourself.
+        max_samples: if set and there are more samples, use this many drawn uniformly *with
+            replacement* by a fixed-seed generator (deterministic; error ~ 1/sqrt(max_samples)).
+
+    Returns:
+        AUROC in [0, 1]; NaN (with a warning) if there are no positives or no negatives.
+
+    References:
+        Hendrycks & Gimpel, "A Baseline for Detecting Misclassified and Out-of-Distribution
+        Examples" (ICLR 2017). Taught in notebooks/03_dudes.ipynb and notebook 04 (EMUFormer).
+    """
+    curve = _binary_curve(*_flat_scores(scores, positives, valid, max_samples))
+    if curve is None:
+        return float("nan")
+    tps, fps = curve
+    tpr = torch.cat([tps.new_zeros(1), tps / tps[-1]])
+    fpr = torch.cat([fps.new_zeros(1), fps / fps[-1]])
+    return float(torch.trapezoid(tpr, fpr))
+
+
+def average_precision(
+    scores: Tensor,
+    positives: Tensor,
+    valid: Tensor | None = None,
+    max_samples: int | None = None,
+) -> float:
+    """Average precision AP = Σ_k (R_k − R_{k−1}) · P_k, a step-wise sum (not the trapezoid).
+
+    Positives are the samples with ``positives == True`` (errors, or unknown-object pixels)
+    and higher scores are more likely positive; one point per distinct score (exact under
+    ties, as sklearn and torchmetrics' ``BinaryAveragePrecision``). Arguments as ``auroc``.
+
+    Returns:
+        AP in [0, 1]; NaN (with a warning) if there are no positives or no negatives.
+
+    References:
+        Davis & Goadrich (ICML 2006) on PR curves. Taught in notebooks/03_dudes.ipynb and
+        notebook 04 (EMUFormer).
+    """
+    curve = _binary_curve(*_flat_scores(scores, positives, valid, max_samples))
+    if curve is None:
+        return float("nan")
+    tps, fps = curve
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    d_recall = torch.diff(recall, prepend=recall.new_zeros(1))
+    return float((d_recall * precision).sum())
+
+
+def fpr_at_95_tpr(
+    scores: Tensor,
+    positives: Tensor,
+    valid: Tensor | None = None,
+    max_samples: int | None = None,
+) -> float:
+    """False-positive rate at the highest threshold whose true-positive rate reaches 95 %.
+
+    A sample counts as detected if ``score >= t``; the threshold t runs over the distinct
+    scores from the top, so tied samples are detected together. Arguments as ``auroc``.
+
+    Returns:
+        FPR in [0, 1] (lower is better); NaN (with a warning) without positives or negatives.
+
+    References:
+        Liang et al., "ODIN" (ICLR 2018), the FPR at 95 % TPR. Taught in notebook 04 (EMUFormer).
+    """
+    curve = _binary_curve(*_flat_scores(scores, positives, valid, max_samples))
+    if curve is None:
+        return float("nan")
+    tps, fps = curve
+    first = int(torch.nonzero(tps / tps[-1] >= 0.95 - 1e-12)[0])
+    return float(fps[first] / fps[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# DUDES: class-wise uncertainty and the removal curve
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def class_wise_uncertainty(
+    uncertainty: Tensor, pred: Tensor, num_classes: int, valid: Tensor | None = None
+) -> Tensor:
+    """Mean uncertainty of the pixels *predicted* as each class (DUDES Table 2, "mUnc").
+
+    Args:
+        uncertainty: [B, H, W] or [H, W].
+        pred: predicted classes, same shape, 0..C-1.
+        num_classes: C.
+        valid: optional bool mask (e.g. ``labels != 255``); by default every pixel counts, as
+            in the DUDES code (``ClassUncertainty``).
+
+    Returns:
+        float64 tensor [C]; NaN for a class that is never predicted. Its ``nanmean`` is the
+        DUDES "mUnc".
+
+    References:
+        Landgraf et al., DUDES (2023), Table 2 and Table 4. Taught in notebooks/03_dudes.ipynb.
+    """
+    _check_same_shape(uncertainty=uncertainty, pred=pred)
+    _check_labels(pred, num_classes, None, name="pred")
+    u, p = uncertainty.reshape(-1).double(), pred.reshape(-1).long()
+    if valid is not None:
+        _check_same_shape(uncertainty=uncertainty, valid=valid)
+        u, p = u[valid.reshape(-1)], p[valid.reshape(-1)]
+    total = torch.bincount(p, weights=u, minlength=num_classes).cpu()
+    count = torch.bincount(p, minlength=num_classes).cpu().double()
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
+
+
+@torch.no_grad()
+def removal_curve(
+    uncertainty: Tensor,
+    pred: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    fractions: Sequence[float] | Tensor,
+    ignore_index: int = 255,
+) -> Tensor:
+    """mIoU after ignoring the most uncertain fraction of pixels (DUDES Fig. 4).
+
+    The valid pixels of the *whole batch* are sorted by uncertainty, most uncertain first, and
+    for each fraction f the first ``round(f · N)`` are dropped before the mIoU is recomputed
+    (same rules as ``SegmentationMeter``: classes left with no pixel drop out of the mean).
+    Meaningful uncertainty gives a rising curve. Tied uncertainties are broken by a stable
+    sort, i.e. in flattened (batch, row, column) order. Removing every pixel (f = 1) gives NaN.
+
+    Args:
+        uncertainty: [B, H, W] or [H, W].
+        pred: predicted classes, same shape.
+        labels: true classes, same shape; ``ignore_index`` pixels never count.
+        num_classes: C.
+        fractions: fractions in [0, 1], e.g. ``[0, 0.1, ..., 0.9]``.
+        ignore_index: label of void pixels.
+
+    Returns:
+        float64 tensor [len(fractions)] of mIoU values.
+
+    References:
+        Landgraf et al., DUDES (2023), §5, Fig. 4. Taught in notebooks/03_dudes.ipynb.
+    """
+    uncertainty, pred, labels = _pixel_maps(uncertainty, pred, labels)
+    _check_same_shape(uncertainty=uncertainty, pred=pred, labels=labels)
+    _check_labels(labels, num_classes, ignore_index)
+    _check_labels(pred, num_classes, None, name="pred")
+    fr = torch.as_tensor(fractions, dtype=torch.float64).reshape(-1)
+    if bool(((fr < 0) | (fr > 1)).any()):
+        raise ValueError(f"fractions must lie in [0, 1], got {fr.tolist()}.")
+    valid = labels != ignore_index
+    order = torch.sort(uncertainty[valid], descending=True, stable=True).indices
+    p, y = pred[valid][order], labels[valid][order]
+    n = p.numel()
+    mious = [_nanmean(_iou(_confusion(p[round(f * n):], y[round(f * n):], num_classes)))
+             for f in fr.tolist()]
+    return torch.tensor(mious, dtype=torch.float64)
+
+
+def removal_curve_area(fractions: Sequence[float] | Tensor, mious: Sequence[float] | Tensor) -> float:
+    """Normalised area under a removal curve: trapezoid rule divided by the fraction span.
+
+    The result is the curve's *average* mIoU over [min f, max f], so curves sampled over
+    different spans stay comparable and the value lies in [0, 1] (1 = perfect everywhere).
+
+    Args:
+        fractions: increasing fractions, as given to ``removal_curve`` (at least two).
+        mious: the curve, same length; must not contain NaN (drop f = 1).
+
+    Returns:
+        The normalised area as a float.
+
+    References:
+        DUDES Fig. 4 (the curve; the area is minikd's one-number summary).
+        Taught in notebooks/03_dudes.ipynb.
+    """
+    f = torch.as_tensor(fractions, dtype=torch.float64).reshape(-1)
+    m = torch.as_tensor(mious, dtype=torch.float64).reshape(-1)
+    if f.numel() != m.numel() or f.numel() < 2:
+        raise ValueError(
+            f"need at least two fractions and as many mIoU values, got {f.numel()} and {m.numel()}."
+        )
+    if bool((torch.diff(f) <= 0).any()):
+        raise ValueError(f"fractions must be strictly increasing, got {f.tolist()}.")
+    if bool(m.isnan().any()):
+        raise ValueError(
+            f"mious contain NaN at fractions {f[m.isnan()].tolist()} (no pixel left?); "
+            "use fractions < 1."
+        )
+    return float(torch.trapezoid(m, f) / (f[-1] - f[0]))
+
+
+# --------------------------------------------------------------------------------------------
+# depth (EMUFormer)
+# --------------------------------------------------------------------------------------------
+def _depth_inputs(pred: Tensor, target: Tensor, valid: Tensor | None) -> tuple[Tensor, ...]:
+    _check_same_shape(pred=pred, target=target)
+    valid = target > 0 if valid is None else valid.bool()
+    _check_same_shape(target=target, valid=valid)
+    if bool((target[valid] <= 0).any()):
+        raise ValueError("target depth must be > 0 on valid pixels; mark 0 = invalid in `valid`.")
+    return pred.double(), target.double(), valid
+
+
+def _ratio(p: Tensor, t: Tensor) -> Tensor:
+    """max(p/t, t/p), the quantity of EMUFormer Eq. 13 (inf where p <= 0)."""
+    ratio = torch.maximum(p / t, t / p)
+    return torch.where(p > 0, ratio, torch.full_like(ratio, float("inf")))
+
+
+@torch.no_grad()
+def depth_metrics(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> dict[str, float]:
+    """RMSE, absolute relative error and δ-accuracies over the valid pixels of a batch.
+
+    rmse = sqrt(mean (p − t)²), abs_rel = mean |p − t| / t, δ_k = fraction of pixels with
+    max(p/t, t/p) < 1.25^k (k = 1, 2, 3). Pixels are pooled over the batch (not averaged per
+    image first); a non-positive prediction counts as inaccurate for every δ.
+
+    Args:
+        pred: predicted depth [B, H, W] (metres).
+        target: true depth, same shape.
+        valid: bool mask, same shape; default ``target > 0``.
+
+    Returns:
+        ``{"rmse", "abs_rel", "delta1", "delta2", "delta3"}`` as floats (NaN if nothing valid).
+
+    References:
+        Eigen et al. (NeurIPS 2014) for the set; EMUFormer §4 and Eq. 13 (δ1 threshold 1.25).
+        Taught in notebook 04 (EMUFormer).
+    """
+    pred, target, valid = _depth_inputs(pred, target, valid)
+    p, t = pred[valid], target[valid]
+    if p.numel() == 0:
+        return dict.fromkeys(("rmse", "abs_rel", "delta1", "delta2", "delta3"), float("nan"))
+    ratio = _ratio(p, t)
+    out = {"rmse": float(((p - t) ** 2).mean().sqrt()), "abs_rel": float(((p - t).abs() / t).mean())}
+    for k in (1, 2, 3):
+        out[f"delta{k}"] = float((ratio < 1.25**k).double().mean())
+    return out
+
+
+@torch.no_grad()
+def depth_uncertainty_accuracy(
+    pred_depth: Tensor,
+    target: Tensor,
+    uncertainty: Tensor,
+    valid: Tensor | None = None,
+    threshold: Threshold = "mean",
+) -> dict[str, float | int | Tensor]:
+    """p(accurate|certain), p(uncertain|inaccurate), PAvPU for depth (EMUFormer Eq. 13).
+
+    A valid pixel is *accurate* if max(p/t, t/p) < 1.25 (δ1) and *certain* if its uncertainty
+    (e.g. the predictive variance) is strictly below its image's threshold; see
+    ``uncertainty_accuracy`` for the counts, the tie rule and the return value.
+
+    Args:
+        pred_depth: [B, H, W] or [H, W].
+        target: true depth, same shape.
+        uncertainty: same shape.
+        valid: bool mask, same shape; default ``target > 0``.
+        threshold: ``"mean"`` (EMUFormer), ``"median"`` or a number.
+
+    Returns:
+        As ``uncertainty_accuracy``.
+
+    References:
+        Landgraf et al., EMUFormer (2024), §4, Eq. 13. Taught in notebook 04 (EMUFormer).
+    """
+    if valid is None:
+        valid = target > 0
+    pred_depth, target, uncertainty, valid = _pixel_maps(pred_depth, target, uncertainty, valid)
+    _check_same_shape(pred_depth=pred_depth, target=target, uncertainty=uncertainty)
+    pred_depth, target, valid = _depth_inputs(pred_depth, target, valid)
+    accurate = torch.zeros_like(valid)
+    accurate[valid] = _ratio(pred_depth[valid], target[valid]) < 1.25
+    return _accuracy_vs_certainty(accurate, uncertainty, valid, threshold)
+
+
+# --------------------------------------------------------------------------------------------
+# entropy and mutual information
+# --------------------------------------------------------------------------------------------
+def entropy(probs: Tensor, dim: int = 1) -> Tensor:
+    """Shannon entropy H[p] = −Σ_c p_c log p_c in nats (0 · log 0 = 0).
+
+    Args:
+        probs: probabilities, e.g. [B, C, H, W].
+        dim: the class dimension.
+
+    Returns:
+        The entropy with ``dim`` reduced, e.g. [B, H, W]; at most log C.
+
+    References:
+        EMUFormer Eq. 3 (predictive entropy). Taught in notebooks/03_dudes.ipynb and notebook 04.
+    """
+    return -torch.special.xlogy(probs, probs).sum(dim)
+
+
+def mutual_information(member_probs: Tensor, dim: int = 1) -> Tensor:
+    """Mutual information I = H[mean_m p_m] − mean_m H[p_m], clamped at 0 (epistemic part).
+
+    Total uncertainty H[p̄] splits into the expected member entropy (aleatoric) and I, the
+    disagreement between members (a Jensen–Shannon divergence): identical members give 0.
+
+    Args:
+        member_probs: [M, B, C, H, W], members along dim 0.
+        dim: the class dimension of *one member's* tensor (1 for [B, C, H, W]).
+
+    Returns:
+        [B, H, W] (the member and class dims reduced), ≥ 0.
+
+    References:
+        Depeweg et al. (ICML 2018); Gal's thesis §3.3. Taught in notebooks/03_dudes.ipynb.
+    """
+    if member_probs.dim() < 2:
+        raise ValueError(f"member_probs must be [M, B, C, ...], got {tuple(member_probs.shape)}.")
+    total = entropy(member_probs.mean(0), dim=dim)
+    aleatoric = entropy(member_probs, dim=dim + 1 if dim >= 0 else dim).mean(0)
+    return (total - aleatoric).clamp_min(0)
+
+
+# --------------------------------------------------------------------------------------------
+# cost: parameters, FLOPs, time
+# --------------------------------------------------------------------------------------------
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters, as in DUDES Table 3 and EMUFormer Table 1.
+
+    Same as ``minikd.models.count_parameters`` (kept here so metrics need not import models).
+
+    Args:
+        model: the model.
+        trainable_only: count only parameters with ``requires_grad``.
+
+    Returns:
+        The count.
+
+    References:
+        DUDES Table 3. Taught in notebooks/03_dudes.ipynb.
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@torch.no_grad()
+def count_flops(model: Callable[..., object], x: Tensor | tuple[Tensor, ...]) -> int:
+    """FLOPs of one forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode``.
+
+    One multiply-add counts as 2 FLOPs (so a Conv2d costs 2·C_in·C_out·k²·H_out·W_out; its
+    bias, activations and normalisations are not counted, only matmul/conv-like operators).
+
+    Args:
+        model: a module or any callable.
+        x: its input, or a tuple of inputs.
+
+    Returns:
+        Total FLOPs as an int.
+
+    References:
+        EMUFormer Table 1 (GFLOPs). Taught in notebook 04 (EMUFormer).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(*x) if isinstance(x, tuple) else model(x)
+    return int(counter.get_total_flops())
+
+
+def time_inference(
+    model_or_fn: Callable[..., object],
+    x: Tensor | tuple[Tensor, ...],
+    warmup: int = 3,
+    repeats: int = 10,
+) -> tuple[float, float]:
+    """Wall-clock time of one forward pass: mean ± std over ``repeats`` after ``warmup`` runs.
+
+    Runs under ``torch.inference_mode``; a module is switched to eval mode for the
+    measurement and restored afterwards. On a GPU (input on CUDA) every run is bracketed by
+    ``torch.cuda.synchronize`` so the asynchronous kernels are included.
+
+    Args:
+        model_or_fn: a module or any callable taking ``x``.
+        x: its input (or a tuple of inputs), already on the target device.
+        warmup: untimed runs first (cuDNN autotuning, allocator, lazy init).
+        repeats: timed runs (DUDES Table 3 uses 25).
+
+    Returns:
+        ``(mean_ms, std_ms)``; std is the sample standard deviation (0 for one repeat).
+
+    References:
+        DUDES Table 3 (inference time, mean ± std of 25 runs). Timed in benchmarks/ and taught
+        in notebooks/03_dudes.ipynb.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}.")
+    args = x if isinstance(x, tuple) else (x,)
+    cuda = any(isinstance(a, Tensor) and a.is_cuda for a in args)
+    was_training = isinstance(model_or_fn, nn.Module) and model_or_fn.training
+    if was_training:
+        model_or_fn.eval()
+    times = []
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model_or_fn(*args)
+                if cuda:
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        if was_training:
+            model_or_fn.train()
+    return statistics.mean(times), statistics.stdev(times) if len(times) > 1 else 0.0
