@@ -1,0 +1,103 @@
+"""Benchmark 1 (DUDES Table 3): inference time of the plain segmenter, the DUDES student and an
+N-member deep ensemble at the same input.
+
+Goal: the student within 2% of the plain segmenter (its extra head is one 1-channel conv), the
+ensemble about N x (DUDES: 18.5 ms student vs 217.1 ms for 10 members on an RTX 3090).
+
+Runs on CUDA when available (synchronised timing, vectorize="auto" picks vmap there), else CPU.
+Timings are interleaved round-robin (one call of each model per round) and summarised by the
+median, so a busy shared machine slows all models alike rather than whichever ran last.
+
+    python benchmarks/student_vs_ensemble_inference.py                  # DeepLabV3+ ResNet18
+    python benchmarks/student_vs_ensemble_inference.py --arch unet-tiny --size 64 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from minikd.ensembles import DeepEnsemble
+from minikd.models import DUDESStudent, build_segmenter, count_parameters, unet_family
+
+
+def make_segmenter(arch: str, num_classes: int) -> torch.nn.Module:
+    """The plain segmenter of the benchmark (random weights: timing does not need training)."""
+    if arch == "unet-tiny":
+        return unet_family("tiny", num_classes=num_classes)
+    return build_segmenter("DeepLabV3Plus", "resnet18", num_classes=num_classes)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                   repeats: int) -> dict[str, list[float]]:
+    """Per-call wall times in ms, one call of every function per round."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=["deeplabv3plus-resnet18", "unet-tiny"],
+                        default="deeplabv3plus-resnet18")
+    parser.add_argument("--members", type=int, default=10, help="N (DUDES: 10)")
+    parser.add_argument("--size", type=int, nargs=2, default=[256, 512], help="H W")
+    parser.add_argument("--batch", type=int, default=1, help="DUDES Table 3: one image")
+    parser.add_argument("--classes", type=int, default=19)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=25, help="DUDES: 25 runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    plain = make_segmenter(args.arch, args.classes).to(device).eval()
+    student = DUDESStudent(plain).to(device).eval()  # shares the plain model's weights
+    members = [make_segmenter(args.arch, args.classes).to(device).eval()
+               for _ in range(args.members)]
+    ensemble = DeepEnsemble(members, vectorize="auto")
+    x = torch.rand(args.batch, 3, *args.size, device=device)
+    fns = {"plain": lambda: plain(x), "student": lambda: student(x),
+           "ensemble": lambda: ensemble.predict(x),
+           "members": lambda: ensemble.forward_members(x)}  # the N passes without statistics
+    with torch.inference_mode():
+        times = interleaved_ms(fns, device, args.warmup, args.repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"device={device} threads={torch.get_num_threads()} arch={args.arch} "
+          f"input={args.batch}x3x{args.size[0]}x{args.size[1]} N={args.members} "
+          f"repeats={args.repeats} vmap={ensemble._use_vmap(x)}")
+    params = {"plain": count_parameters(plain), "student": count_parameters(student),
+              "ensemble": sum(count_parameters(m) for m in members)}
+    params["members"] = params["ensemble"]
+    for k, v in times.items():
+        q1, _, q3 = statistics.quantiles(v, n=4)
+        print(f"  {k:9s} median {med[k]:9.2f} ms  (IQR {q1:.2f}-{q3:.2f})  "
+              f"params {params[k]:,}")
+    print(f"student / plain    = {med['student'] / med['plain']:.3f}  (goal <= 1.02)")
+    print(f"ensemble / plain   = {med['ensemble'] / med['plain']:.2f}  (goal ~ N = {args.members})")
+    print(f"members  / plain   = {med['members'] / med['plain']:.2f}  (the N forward passes "
+          "alone; the rest is mean/std/entropy/MI over [N,B,C,H,W])")
+    print(f"ensemble / student = {med['ensemble'] / med['student']:.2f}  (DUDES: 217.1/18.5 = 11.7)")
+
+
+if __name__ == "__main__":
+    main()

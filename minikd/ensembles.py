@@ -1,0 +1,810 @@
+"""Ensembles as teachers: deep ensembles (looped or vectorised), MC dropout, deep sub-ensembles,
+and a teacher cache that runs the teacher once per training image instead of once per step.
+
+Every ensemble here has the same ``predict(x)`` (no grad, eval mode) returning a dict:
+
+=================  ==============  ===========================================================
+key                shape           meaning
+=================  ==============  ===========================================================
+``probs``          [B, C, H, W]    mean softmax over members, p̄
+``pred``           [B, H, W]       argmax_c p̄_c
+``uncertainty``    [B, H, W]       DUDES: std over members of p_m[pred] (the teacher target)
+``entropy``        [B, H, W]       predictive entropy H[p̄] (total uncertainty)
+``mutual_info``    [B, H, W]       H[p̄] - mean_m H[p_m] (epistemic part, clamped at 0)
+``member_probs``   [M, B, C, H, W] only with ``return_members=True``
+``depth``          [B, H, W]       mean of the members' depths (depth members only)
+``depth_var``      [B, H, W]       EMUFormer Eq. 10: mean of variances + variance of means
+=================  ==============  ===========================================================
+
+Members return either bare logits ``[B, C, H, W]`` or a dict with any of ``"logits"``,
+``"depth"``, ``"depth_var"`` (other keys, e.g. a DUDES student's ``"uncertainty"``, are stacked
+and passed through ``forward_members`` but not summarised).
+
+**Which standard deviation.** DUDES' text says "the standard deviation of the softmax
+probabilities of the predicted class"; the authors' code (``cityscapes/train_student.py``) uses
+``torch.std`` over the 10 members, i.e. the *unbiased* estimate (divide by M-1). minikd follows the
+code (``correction=1``) so a student trained here learns the same target as the paper's; the
+population std (``correction=0``) is ``sqrt((M-1)/M)`` times it (0.949 for M=10). A single sample
+(M=1) has no spread: its uncertainty is 0. EMUFormer's Eq. 10 writes ``1/T``, so ``depth_var``
+uses the population variance of the members' means, whatever ``correction`` says.
+
+**Vectorised members.** ``torch.func`` can run M members of one architecture as one batched call
+(``stack_module_state`` + ``functional_call`` + ``vmap`` over a parameter-free "meta" copy). It
+pays on a GPU, where one large kernel beats M small ones; on a CPU a plain loop is as fast or
+faster (benchmarks/RESULTS.md), so ``vectorize="auto"`` uses it on CUDA only. Both paths give
+the same numbers (tests/test_ensembles.py). Caveats: members must share class, parameter names
+and shapes, and train/eval mode; dropout runs with ``randomness="different"`` (each member its
+own mask); in train mode BatchNorm running statistics update inside the stacked buffers
+(``DeepEnsemble`` copies them back to the members; ``VectorizedEnsemble`` keeps them until
+``unstack_to``).
+
+References:
+    Lakshminarayanan et al. 2017 (deep ensembles); Landgraf et al., DUDES (2023) §3.2;
+    Landgraf et al., EMUFormer (2024) Eq. 10 and §4 (MC dropout, deep sub-ensembles);
+    Gal & Ghahramani 2016 (MC dropout); Valdenegro-Toro 2023 (sub-ensembles); PyTorch tutorial
+    "Model ensembling" (torch.func). Taught in notebooks/02_unet_ensemble_weighting.ipynb and
+    notebooks/03_dudes.ipynb.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "TARGET_KEYS",
+    "CachedTargets",
+    "DeepEnsemble",
+    "DeepSubEnsemble",
+    "MCDropout",
+    "TeacherCache",
+    "VectorizedEnsemble",
+    "depth_predictive_variance",
+    "dudes_uncertainty",
+    "ensemble_statistics",
+    "stack_members",
+]
+
+# Output of a teacher -> the key a CachedTargets sample carries it under.
+TARGET_KEYS: dict[str, str] = {
+    "probs": "teacher_probs",
+    "logits": "teacher_logits",
+    "uncertainty": "teacher_unc",
+    "entropy": "teacher_entropy",
+    "mutual_info": "teacher_mi",
+    "depth": "teacher_depth",
+    "depth_var": "teacher_depth_var",
+}
+
+
+# --------------------------------------------------------------------------- statistics
+def dudes_uncertainty(member_probs: Tensor, pred: Tensor, correction: int = 1) -> Tensor:
+    """DUDES teacher uncertainty: std over members of the softmax probability of class ``pred``.
+
+    Args:
+        member_probs: softmax of every member, ``[M, B, C, H, W]``.
+        pred: the ensemble's predicted class (argmax of the mean softmax), ``[B, H, W]``.
+        correction: 1 = unbiased std (divide by M-1, as the DUDES code's ``torch.std``),
+            0 = population std. With a single member the result is 0.
+
+    Returns:
+        ``[B, H, W]`` uncertainty, >= 0.
+
+    References:
+        Landgraf et al., DUDES (2023) §3.2 (z_i of Eq. 2). Taught in notebooks/03_dudes.ipynb.
+    """
+    m = member_probs.shape[0]
+    index = pred[None, :, None].expand(m, -1, 1, -1, -1)
+    p_pred = member_probs.gather(2, index).squeeze(2)  # [M, B, H, W]
+    if m - correction <= 0:
+        return torch.zeros_like(p_pred[0])
+    return p_pred.std(dim=0, correction=correction)
+
+
+def depth_predictive_variance(depth: Tensor, depth_var: Tensor | None = None) -> Tensor:
+    """EMUFormer Eq. 10: sigma^2 = mean_t s_t^2 + mean_t (mu_t - mu_bar)^2.
+
+    Args:
+        depth: the members' (or samples') depth means ``[M, B, H, W]``.
+        depth_var: their predicted (aleatoric) variances ``[M, B, H, W]``, or None for members
+            that predict no variance (then only the spread of the means counts).
+
+    Returns:
+        ``[B, H, W]`` predictive variance (population variance of the means, as Eq. 10's 1/T).
+
+    References:
+        Landgraf et al., EMUFormer (2024) Eq. 10; Lakshminarayanan et al. 2017 Eq. in §2.4.
+    """
+    spread = depth.var(dim=0, correction=0)
+    return spread if depth_var is None else depth_var.mean(0) + spread
+
+
+def ensemble_statistics(member_outputs: Mapping[str, Tensor], correction: int = 1,
+                        return_members: bool = False) -> dict[str, Tensor]:
+    """Summarise stacked member outputs into the ``predict`` dict (see the module docstring).
+
+    Args:
+        member_outputs: ``{"logits": [M,B,C,H,W]}`` and/or ``{"depth"/"depth_var": [M,B,H,W]}``.
+        correction: for the DUDES std, see ``dudes_uncertainty``.
+        return_members: also return ``"member_probs"`` ``[M,B,C,H,W]``.
+
+    Returns:
+        Dict with probs, pred, uncertainty, entropy, mutual_info (segmentation members) and
+        depth, depth_var (depth members).
+
+    References:
+        DUDES §3.2; EMUFormer Eq. 3 (entropy) and Eq. 10; mutual information as in
+        Depeweg et al. 2018 / Gal 2016 (total = aleatoric + epistemic).
+    """
+    out: dict[str, Tensor] = {}
+    if "logits" in member_outputs:
+        member_probs = member_outputs["logits"].float().softmax(dim=2)  # [M,B,C,H,W]
+        probs = member_probs.mean(0)
+        entropy = torch.special.entr(probs).sum(1)  # entr(p) = -p log p, 0 at p = 0
+        expected_entropy = torch.special.entr(member_probs).sum(2).mean(0)
+        pred = probs.argmax(1)
+        out.update(probs=probs, pred=pred,
+                   uncertainty=dudes_uncertainty(member_probs, pred, correction),
+                   entropy=entropy, mutual_info=(entropy - expected_entropy).clamp_min(0))
+        if return_members:
+            out["member_probs"] = member_probs
+    if "depth" in member_outputs:
+        depth = member_outputs["depth"].float()
+        var = member_outputs.get("depth_var")
+        out["depth"] = depth.mean(0)
+        out["depth_var"] = depth_predictive_variance(depth, None if var is None else var.float())
+    if not out:
+        raise ValueError(f"members returned keys {sorted(member_outputs)}; expected 'logits' "
+                         "and/or 'depth' (a bare tensor counts as logits).")
+    return out
+
+
+# --------------------------------------------------------------------------- member checks
+def _as_dict(out: object, index: int) -> dict[str, Tensor]:
+    """A member's output as a dict (bare tensor -> logits)."""
+    if isinstance(out, Tensor):
+        return {"logits": out}
+    if isinstance(out, Mapping):
+        return dict(out)
+    raise ValueError(f"member {index} returned {type(out).__name__}; expected a logits Tensor "
+                     "[B, C, H, W] or a dict with 'logits' and/or 'depth'/'depth_var'.")
+
+
+def _check_like(ref: dict[str, Tensor], out: dict[str, Tensor], index: int, what: str) -> None:
+    """Raise a ValueError naming ``index`` if ``out`` has other keys or shapes than ``ref``."""
+    if sorted(ref) != sorted(out):
+        raise ValueError(f"{what} {index} returned keys {sorted(out)} but {what} 0 returned "
+                         f"{sorted(ref)}; every {what} must produce the same outputs.")
+    for key, t in out.items():
+        if t.shape != ref[key].shape:
+            detail = (f" ({t.shape[1]} classes vs {ref[key].shape[1]})"
+                      if key == "logits" and t.ndim == 4 else "")
+            raise ValueError(f"{what} {index} returned {key!r} of shape {tuple(t.shape)} but "
+                             f"{what} 0 returned {tuple(ref[key].shape)}{detail}; all {what}s "
+                             "must agree on class count and output size.")
+
+
+def _stack_outputs(outputs: Sequence[object], what: str = "member") -> dict[str, Tensor]:
+    """Check that per-member outputs agree, then stack each key along a new dim 0."""
+    dicts = [_as_dict(o, i) for i, o in enumerate(outputs)]
+    for i, d in enumerate(dicts[1:], start=1):
+        _check_like(dicts[0], d, i, what)
+    return {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]}
+
+
+def _stacking_problem(members: Sequence[nn.Module]) -> str | None:
+    """Why ``members`` cannot be vectorised (None when they can)."""
+    ref = members[0]
+    ref_p = {n: (p.shape, p.dtype, p.device) for n, p in ref.named_parameters()}
+    ref_b = {n: (b.shape, b.dtype, b.device) for n, b in ref.named_buffers()}
+    for i, m in enumerate(members[1:], start=1):
+        if type(m) is not type(ref):
+            return f"member {i} is a {type(m).__name__} but member 0 is a {type(ref).__name__}"
+        for kind, mine, theirs in (("parameters", {n: (p.shape, p.dtype, p.device) for n, p in
+                                                   m.named_parameters()}, ref_p),
+                                   ("buffers", {n: (b.shape, b.dtype, b.device) for n, b in
+                                                m.named_buffers()}, ref_b)):
+            if mine != theirs:
+                diff = sorted(set(mine.items()) ^ set(theirs.items()), key=str)[:2]
+                return f"member {i} differs from member 0 in its {kind}: {diff}"
+        if m.training != ref.training:
+            return f"member {i} has training={m.training} but member 0 has {ref.training}"
+    return None
+
+
+def _num_classes(member: nn.Module) -> int | None:
+    """A member's declared class count, if it declares one."""
+    for obj in (member, getattr(member, "segmentation_head", None)):
+        n = getattr(obj, "num_classes", None) if obj is not None else None
+        if isinstance(n, int):
+            return n
+    return None
+
+
+def _vmap_call(base: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor],
+               x: Tensor, per_member: bool) -> dict[str, Tensor]:
+    """Run the meta ``base`` once per stacked member state with ``torch.vmap``."""
+    def call(p: dict[str, Tensor], b: dict[str, Tensor], xi: Tensor) -> dict[str, Tensor]:
+        return _as_dict(functional_call(base, (p, b), (xi,)), 0)
+
+    in_dims = (0, 0, 0 if per_member else None)
+    return torch.vmap(call, in_dims=in_dims, randomness="different")(params, buffers, x)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put ``module`` in eval mode, then restore every submodule's own train/eval flag."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A parameter-free copy of ``module`` (on the meta device) to hand to ``functional_call``."""
+    return copy.deepcopy(module).to("meta")
+
+
+# --------------------------------------------------------------------------- deep ensemble
+class DeepEnsemble(nn.Module):
+    """A deep ensemble of M segmentation and/or depth models, averaged at prediction time.
+
+    Args:
+        members: the trained models (``nn.Module`` s). Each returns logits ``[B, C, H, W]`` or a
+            dict with ``"logits"`` / ``"depth"`` / ``"depth_var"``. Their outputs must agree in
+            keys and shapes (checked on every call; the ValueError names the differing member).
+        vectorize: ``True``: always run members with ``torch.func.vmap`` (needs identical
+            architectures, else ValueError here); ``False``: plain loop; ``"auto"``: vmap when
+            the input is on CUDA and the members can be stacked, loop otherwise. The vectorised
+            path stacks the members' weights on each call (``torch.stack``, differentiable), so
+            it always sees the current weights and gradients reach the members.
+        correction: 1 (default, as the DUDES code) or 0 for the std in ``"uncertainty"``.
+
+    Attributes:
+        members: ``nn.ModuleList`` of the members (``len(ensemble)`` = M).
+
+    References:
+        Lakshminarayanan et al. 2017; DUDES §3.1 "Teacher" (10 randomly initialised members).
+        Taught in notebooks/02_unet_ensemble_weighting.ipynb and notebooks/03_dudes.ipynb.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], vectorize: bool | Literal["auto"] = "auto",
+                 correction: int = 1):
+        super().__init__()
+        members = list(members)
+        if not members or not all(isinstance(m, nn.Module) for m in members):
+            raise ValueError(f"DeepEnsemble needs a non-empty list of nn.Module members; got "
+                             f"{[type(m).__name__ for m in members]}.")
+        if vectorize not in (True, False, "auto"):
+            raise ValueError(f"vectorize must be True, False or 'auto'; got {vectorize!r}.")
+        classes = [_num_classes(m) for m in members]
+        for i, n in enumerate(classes):
+            if n is not None and classes[0] is not None and n != classes[0]:
+                raise ValueError(f"member {i} has num_classes={n} but member 0 has "
+                                 f"{classes[0]}; all members must predict the same classes.")
+        if vectorize is True and (problem := _stacking_problem(members)):
+            raise ValueError(f"vectorize=True needs members of one architecture: {problem}. "
+                             "Use vectorize=False (plain loop) for mixed members.")
+        self.members = nn.ModuleList(members)
+        self.vectorize = vectorize
+        self.correction = correction
+        object.__setattr__(self, "_base", None)  # meta copy of member 0, built on first use
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def _use_vmap(self, x: Tensor) -> bool:
+        if self.vectorize is False or len(self.members) == 1:
+            return False
+        if self.vectorize is True:
+            return True
+        return x.is_cuda and _stacking_problem(list(self.members)) is None
+
+    def forward_members(self, x: Tensor) -> dict[str, Tensor]:
+        """Every member's raw output, stacked: ``{"logits": [M,B,C,H,W], ...}``.
+
+        Runs in the members' current mode and grad setting (so it can be trained through).
+
+        Args:
+            x: input batch ``[B, 3, H, W]``.
+
+        Returns:
+            Dict of stacked outputs (a bare-tensor member output appears as ``"logits"``).
+        """
+        if not self._use_vmap(x):
+            return _stack_outputs([m(x) for m in self.members])
+        if problem := _stacking_problem(list(self.members)):
+            raise ValueError(f"cannot vectorise the members: {problem}.")
+        if self._base is None:
+            object.__setattr__(self, "_base", _meta_copy(self.members[0]))
+        self._base.train(self.members[0].training)
+        named = [dict(m.named_parameters()) for m in self.members]
+        params = {n: torch.stack([d[n] for d in named]) for n in named[0]}
+        named_b = [dict(m.named_buffers()) for m in self.members]
+        buffers = {n: torch.stack([d[n] for d in named_b]) for n in named_b[0]}
+        out = _vmap_call(self._base, params, buffers, x, per_member=False)
+        if self.members[0].training:  # BatchNorm updated the stacked copies: write them back
+            with torch.no_grad():
+                for n, stacked in buffers.items():
+                    for d, value in zip(named_b, stacked):
+                        d[n].copy_(value)
+        return out
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Same as ``forward_members`` (the stacked raw outputs)."""
+        return self.forward_members(x)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, return_members: bool = False) -> dict[str, Tensor]:
+        """Ensemble prediction and uncertainties in eval mode, without gradients.
+
+        Args:
+            x: input batch ``[B, 3, H, W]`` (normalised as the members expect).
+            return_members: also return ``"member_probs"`` ``[M, B, C, H, W]``.
+
+        Returns:
+            The dict described in the module docstring.
+        """
+        with _eval_mode(self.members):
+            stacked = self.forward_members(x)
+        return ensemble_statistics(stacked, self.correction, return_members)
+
+
+# --------------------------------------------------------------------------- vectorised training
+class VectorizedEnsemble(nn.Module):
+    """M members of one architecture held as stacked parameters, run with one ``vmap`` call.
+
+    This is the training-side twin of ``DeepEnsemble(vectorize=True)``: the stacked tensors are
+    this module's own ``nn.Parameter`` s (leaves), so one optimizer over
+    ``vectorized.parameters()`` trains all members at once (per-member SGD/AdamW updates are
+    element-wise, so they equal M separate optimizers with the same settings). Call
+    ``unstack_to(members)`` to copy the trained weights and BatchNorm statistics back.
+
+    Args:
+        members: models of identical class, parameter names/shapes and mode.
+
+    Attributes:
+        n_members: M.
+
+    Example:
+        >>> vec = stack_members(members)                       # doctest: +SKIP
+        >>> opt = torch.optim.SGD(vec.parameters(), lr=0.01)   # doctest: +SKIP
+        >>> logits = vec(images_per_member, per_member=True)["logits"]  # [M,B,C,H,W]
+        >>> vec.unstack_to(members)                            # doctest: +SKIP
+
+    References:
+        PyTorch tutorial "Model ensembling" (torch.func.stack_module_state + vmap).
+        Used by training.train_ensemble; benchmarked in benchmarks/ensemble_vmap_vs_loop.py.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        members = list(members)
+        if not members:
+            raise ValueError("VectorizedEnsemble needs at least one member; got none.")
+        if problem := _stacking_problem(members):
+            raise ValueError(f"cannot vectorise the members: {problem}. Members must be copies "
+                             "of one architecture (same class, parameter names and shapes).")
+        params, buffers = stack_module_state(members)
+        self._param_names = list(params)
+        self._buffer_names = list(buffers)
+        self.stacked = nn.ParameterList(
+            nn.Parameter(params[n].detach().clone(), requires_grad=params[n].requires_grad)
+            for n in self._param_names)
+        for i, n in enumerate(self._buffer_names):
+            self.register_buffer(f"buffer_{i}", buffers[n].clone())
+        self.n_members = len(members)
+        object.__setattr__(self, "_base", _meta_copy(members[0]))
+        self.train(members[0].training)
+
+    def __len__(self) -> int:
+        return self.n_members
+
+    def train(self, mode: bool = True) -> VectorizedEnsemble:
+        """Set train/eval mode for all members at once."""
+        super().train(mode)
+        self._base.train(mode)
+        return self
+
+    def stacked_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The stacked (params, buffers) dicts keyed by the members' own names."""
+        params = dict(zip(self._param_names, self.stacked))
+        buffers = {n: getattr(self, f"buffer_{i}") for i, n in enumerate(self._buffer_names)}
+        return params, buffers
+
+    def forward(self, x: Tensor, per_member: bool = False) -> dict[str, Tensor]:
+        """All members' outputs, ``{"logits": [M,B,C,H,W], ...}``.
+
+        Args:
+            x: ``[B,3,H,W]`` shared by all members, or ``[M,B,3,H,W]`` with ``per_member=True``
+                (each member its own batch, as in deep-ensemble training).
+            per_member: whether dim 0 of ``x`` indexes the members.
+        """
+        if per_member and x.shape[0] != self.n_members:
+            raise ValueError(f"per_member=True needs x of shape [M={self.n_members}, B, ...]; "
+                             f"got {tuple(x.shape)}.")
+        params, buffers = self.stacked_state()
+        return _vmap_call(self._base, params, buffers, x, per_member)
+
+    @torch.no_grad()
+    def unstack_to(self, members: Sequence[nn.Module]) -> None:
+        """Copy the stacked weights and buffers (e.g. BN running stats) back into ``members``."""
+        if len(members) != self.n_members:
+            raise ValueError(f"expected {self.n_members} members to copy into; got {len(members)}.")
+        params, buffers = self.stacked_state()
+        for i, m in enumerate(members):
+            for n, t in m.named_parameters():
+                t.copy_(params[n][i])
+            for n, t in m.named_buffers():
+                t.copy_(buffers[n][i])
+
+
+def stack_members(members: Sequence[nn.Module]) -> VectorizedEnsemble:
+    """``VectorizedEnsemble(members)``: stack identical members for a one-call vmap training step.
+
+    Args:
+        members: models of one architecture.
+
+    Returns:
+        The ``VectorizedEnsemble`` (a copy; the members are not changed until ``unstack_to``).
+    """
+    return VectorizedEnsemble(members)
+
+
+# --------------------------------------------------------------------------- MC dropout
+def _dropout_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+
+
+class MCDropout(nn.Module):
+    """Monte Carlo dropout: n stochastic forward passes with dropout on, everything else in eval.
+
+    Only ``nn.Dropout*`` layers (``Dropout``, ``Dropout2d``, ``AlphaDropout``, ...) are switched to
+    train mode; BatchNorm keeps its running statistics (untouched), and dropout written
+    functionally in a parent's forward (``F.dropout(..., self.training)``, timm's fused attention)
+    or stochastic depth (``DropPath``) stays off.
+
+    Args:
+        model: a model with at least one dropout layer (SegFormer/SegDepthFormer with
+            ``dropout>0``).
+        n_samples: number of stochastic passes T (EMUFormer uses 10).
+        batched: run the T passes as one forward over the input repeated T times (faster on a
+            GPU, T times the activation memory); the masks are independent either way.
+        correction: std correction for ``"uncertainty"`` (see ``dudes_uncertainty``).
+
+    References:
+        Gal & Ghahramani 2016; EMUFormer §4 "Monte Carlo Dropout" (rates 0.2/0.5, 10 samples).
+    """
+
+    def __init__(self, model: nn.Module, n_samples: int = 10, batched: bool = False,
+                 correction: int = 1):
+        super().__init__()
+        if not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive int; got {n_samples!r}.")
+        if not _dropout_layers(model):
+            raise ValueError(f"{type(model).__name__} has no nn.Dropout layer, so every MC "
+                             "sample would be identical. Build it with a dropout rate > 0 "
+                             "(e.g. SegDepthFormer(..., dropout=0.2)).")
+        self.model = model
+        self.n_samples = n_samples
+        self.batched = batched
+        self.correction = correction
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def forward_members(self, x: Tensor) -> dict[str, Tensor]:
+        """T stochastic passes, stacked ``[T, B, ...]``; the model's modes are restored after."""
+        with _eval_mode(self.model):
+            for layer in _dropout_layers(self.model):
+                layer.train()
+            if self.batched:
+                flat = _as_dict(self.model(x.repeat(self.n_samples, *[1] * (x.ndim - 1))), 0)
+                return {k: v.unflatten(0, (self.n_samples, x.shape[0])) for k, v in flat.items()}
+            return _stack_outputs([self.model(x) for _ in range(self.n_samples)], "sample")
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Same as ``forward_members``."""
+        return self.forward_members(x)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, return_members: bool = False) -> dict[str, Tensor]:
+        """Mean prediction and uncertainties over T dropout samples (``DeepEnsemble.predict``)."""
+        return ensemble_statistics(self.forward_members(x), self.correction, return_members)
+
+
+# --------------------------------------------------------------------------- deep sub-ensemble
+class DeepSubEnsemble(nn.Module):
+    """A shared trunk (encoder) with N heads; heads take turns in training, all vote at test time.
+
+    Training (EMUFormer §4): each training batch updates the trunk and ONE head, chosen in turn
+    (``head_for_step(step) = step % n_heads``), so every head sees 1/N of the batches and the
+    trunk sees all of them. In train mode ``forward(x)`` without ``head=`` uses the next head in
+    turn and advances ``step`` (a buffer, so the turn order is saved in checkpoints and resumes):
+    exactly one forward per optimizer step, which ``training.fit`` does. The idle heads get
+    ``grad=None`` and PyTorch optimizers skip them entirely (no weight decay, no momentum) as long
+    as gradients are zeroed with ``set_to_none=True`` (the default).
+
+    In eval mode ``forward(x)`` returns the ensemble in the members' own format — ``"logits"``
+    = log of the mean softmax (its argmax is the ensemble's prediction), ``"depth"`` the mean,
+    ``"depth_var"`` Eq. 10 — so evaluation code written for one model works unchanged.
+
+    Args:
+        trunk: the shared encoder; ``trunk(x)`` may return a tensor or a list of features.
+        make_head: called ``n_heads`` times to build independently initialised heads; a head maps
+            the trunk's output to logits or a dict with ``"logits"``/``"depth"``/``"depth_var"``
+            at the input's resolution.
+        n_heads: N (EMUFormer uses 10).
+        correction: std correction for ``"uncertainty"`` (see ``dudes_uncertainty``).
+
+    References:
+        Valdenegro-Toro 2023 (deep sub-ensembles); EMUFormer §4 "Deep Sub-Ensemble".
+    """
+
+    def __init__(self, trunk: nn.Module, make_head: Callable[[], nn.Module], n_heads: int,
+                 correction: int = 1):
+        super().__init__()
+        if not isinstance(n_heads, int) or n_heads < 1:
+            raise ValueError(f"n_heads must be a positive int; got {n_heads!r}.")
+        self.trunk = trunk
+        self.heads = nn.ModuleList(make_head() for _ in range(n_heads))
+        if len({id(h) for h in self.heads}) != n_heads:
+            raise ValueError("make_head returned the same module twice; it must build a new head "
+                             "on every call (e.g. lambda: nn.Conv2d(64, 6, 1)).")
+        self.correction = correction
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def head_for_step(self, step: int) -> int:
+        """The head trained at training step ``step``: heads take turns, ``step % n_heads``."""
+        return int(step) % len(self.heads)
+
+    def forward_members(self, x: Tensor) -> dict[str, Tensor]:
+        """The trunk once, every head on its output, stacked ``[N, B, ...]``."""
+        features = self.trunk(x)
+        return _stack_outputs([h(features) for h in self.heads], "head")
+
+    def forward(self, x: Tensor, head: int | None = None) -> Tensor | dict[str, Tensor]:
+        """One head's output (``head=k``, or the next in turn in train mode) or the ensemble."""
+        if head is None and self.training:
+            head = self.head_for_step(int(self.step))
+            self.step += 1
+        if head is not None:
+            return self.heads[head](self.trunk(x))
+        stats = ensemble_statistics(self.forward_members(x), self.correction)
+        out = {k: stats[k] for k in ("depth", "depth_var") if k in stats}
+        if "probs" in stats:
+            out["logits"] = stats["probs"].clamp_min(1e-12).log()
+        return out
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, return_members: bool = False) -> dict[str, Tensor]:
+        """Ensemble prediction and uncertainties over the N heads, in eval mode."""
+        with _eval_mode(self):
+            return ensemble_statistics(self.forward_members(x), self.correction, return_members)
+
+
+# --------------------------------------------------------------------------- teacher cache
+@torch.no_grad()
+def _teacher_outputs(teacher: nn.Module, images: Tensor) -> dict[str, Tensor]:
+    """Everything a teacher can give for a batch: ``predict`` outputs, or a model's raw outputs
+    plus ``probs`` (softmax of its logits)."""
+    if hasattr(teacher, "predict"):
+        return dict(teacher.predict(images))
+    with _eval_mode(teacher):
+        out = _as_dict(teacher(images), 0)
+    if "logits" in out:
+        out["probs"] = out["logits"].float().softmax(1)
+    return out
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class TeacherCache:
+    """The teacher's targets for every UN-augmented training image, computed once and stored.
+
+    Distillation spends most of its time running the teacher (ten networks for DUDES) on every
+    step. Most targets are per-pixel maps, so they can instead be computed once per training
+    image, stored (float16 by default), and sent through the same crop/scale/flip as the image by
+    ``CachedTargets``. Memory: ``N * C * H * W * 2`` bytes for ``"probs"`` (ToyCity 200 images,
+    12 classes, 64x128: 39 MB; Cityscapes at 512x1024 with 19 classes: 59 GB, so cache only
+    ``"uncertainty"`` there: 3.1 GB, or use ``load(path, mmap=True)``).
+
+    What changes (say it when teaching): the teacher sees the whole image, not the crop; for
+    flips and crops the cached target equals the teacher run on the augmented image exactly for
+    a pointwise teacher, and up to the teacher's receptive field at the crop border for a conv
+    teacher (tests/test_ensembles.py measures it); under rescaling the target is the bilinear
+    resize of the teacher's map rather than the teacher's map of the resized image; and the
+    teacher sees no colour jitter. ``uncertainty`` = DUDES std when the teacher is an ensemble.
+
+    Args:
+        teacher: a ``DeepEnsemble``/``MCDropout``/``DeepSubEnsemble`` (anything with
+            ``.predict``) or a plain model (logits -> ``"logits"``/``"probs"``; dict outputs pass
+            through).
+        dataset: the training set WITHOUT augmentation; items are dicts with ``"image"``
+            ``[3,H,W]`` (all the same size) and optionally ``"index"``.
+        targets: teacher outputs to store, from ``TARGET_KEYS``: ``"probs"``, ``"logits"``,
+            ``"uncertainty"``, ``"entropy"``, ``"mutual_info"``, ``"depth"``, ``"depth_var"``.
+        dtype: storage dtype (float16 halves memory; relative rounding <= 2**-11).
+        device: where the teacher runs (it is moved there); stored targets live on the CPU.
+        batch_size: images per teacher call.
+        preprocess: applied to each sample before the teacher, e.g. ``data.eval_transforms()``
+            (Normalize) when the teacher was trained on normalised images.
+        num_workers: DataLoader workers for reading the dataset.
+
+    Attributes:
+        targets: ``{name: Tensor [N, ...]}`` on the CPU.
+        dataset_index: ``[N]`` the samples' ``"index"`` (or position), checked by
+            ``CachedTargets``.
+
+    References:
+        DUDES §3.2 (teacher uncertainty targets); EMUFormer Eq. 8-10 (mean softmax, depth
+        variance targets). Taught in notebooks/03_dudes.ipynb; timed in
+        benchmarks/teacher_cache_training.py.
+    """
+
+    def __init__(self, teacher: nn.Module, dataset: Dataset, targets: Sequence[str] = ("probs",),
+                 *, dtype: torch.dtype = torch.float16, device: str | torch.device | None = None,
+                 batch_size: int = 8, preprocess: Callable[[dict], dict] | None = None,
+                 num_workers: int = 0):
+        targets = (targets,) if isinstance(targets, str) else tuple(targets)
+        unknown = [t for t in targets if t not in TARGET_KEYS]
+        if not targets or unknown:
+            raise ValueError(f"targets {list(targets)} contain unknown names {unknown}; choose "
+                             f"from {list(TARGET_KEYS)}.")
+        device = torch.device(device or "cpu")
+        teacher = teacher.to(device)
+        loader = DataLoader(_Preprocessed(dataset, preprocess), batch_size=batch_size,
+                            shuffle=False, num_workers=num_workers)
+        n, start = len(dataset), 0
+        self.targets: dict[str, Tensor] = {}
+        self.dataset_index = torch.empty(n, dtype=torch.long)
+        for batch in loader:
+            out = _teacher_outputs(teacher, batch["image"].to(device))
+            stop = start + batch["image"].shape[0]
+            for name in targets:
+                if name not in out:
+                    raise ValueError(f"the teacher gives {sorted(out)}, not {name!r}; pick "
+                                     "targets from those (a plain model gives logits/probs).")
+                value = out[name].detach().to("cpu", dtype)
+                if name not in self.targets:
+                    self.targets[name] = torch.empty((n, *value.shape[1:]), dtype=dtype)
+                self.targets[name][start:stop] = value
+            self.dataset_index[start:stop] = batch["index"]
+            start = stop
+
+    @classmethod
+    def _from_state(cls, state: dict) -> TeacherCache:
+        cache = cls.__new__(cls)
+        cache.targets, cache.dataset_index = dict(state["targets"]), state["dataset_index"]
+        return cache
+
+    @classmethod
+    def build_or_load(cls, path: str | os.PathLike, teacher: nn.Module, dataset: Dataset,
+                      **kwargs: object) -> TeacherCache:
+        """Load the cache from ``path`` if present, else compute it and save it there; prints
+        which path was taken."""
+        path = Path(path)
+        if path.exists():
+            print(f"teacher cache: loaded {path}")
+            return cls.load(path)
+        cache = cls(teacher, dataset, **kwargs)
+        cache.save(path)
+        print(f"teacher cache: computed {len(cache)} images, saved to {path}")
+        return cache
+
+    def __len__(self) -> int:
+        return len(self.dataset_index)
+
+    def __getitem__(self, position: int) -> dict[str, Tensor]:
+        """``{"teacher_probs": [C,H,W], "teacher_unc": [H,W], ...}`` for dataset position i."""
+        return {TARGET_KEYS[k]: v[position] for k, v in self.targets.items()}
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the stored targets."""
+        return sum(t.numel() * t.element_size() for t in self.targets.values())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the cache atomically (temporary file, then rename) with ``torch.save``."""
+        state = {"format": "minikd.TeacherCache/1", "targets": self.targets,
+                 "dataset_index": self.dataset_index}
+        _atomic_save(state, Path(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, mmap: bool = False) -> TeacherCache:
+        """Read a cache written by ``save`` (``weights_only=True``; ``mmap`` keeps it on disk)."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as err:  # truncated file, foreign pickle, ...
+            raise ValueError(f"{path} is not a readable minikd teacher cache ({err}). Delete it "
+                             "and build it again with TeacherCache(...).save(path).") from err
+        if not isinstance(state, dict) or state.get("format") != "minikd.TeacherCache/1":
+            raise ValueError(f"{path} is not a minikd teacher cache (no 'format' tag); delete it "
+                             "and rebuild it.")
+        return cls._from_state(state)
+
+
+class _Preprocessed(Dataset):
+    """``{"image", "index"}`` of each sample, after an optional preprocessing transform."""
+
+    def __init__(self, dataset: Dataset, preprocess: Callable[[dict], dict] | None):
+        self.dataset, self.preprocess = dataset, preprocess
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor | int]:
+        sample = dict(self.dataset[i])
+        if self.preprocess is not None:
+            sample = self.preprocess(sample)
+        return {"image": sample["image"], "index": int(sample.get("index", i))}
+
+
+class CachedTargets(Dataset):
+    """A dataset whose samples carry the cached teacher targets through the joint transform.
+
+    ``dataset[i]`` (un-augmented) gets ``cache[i]`` (e.g. ``"teacher_probs"`` ``[C,H,W]``,
+    ``"teacher_unc"`` ``[H,W]``) added, THEN ``transform`` runs, so crops, rescaling and flips
+    apply identically to image, labels and targets (data.py treats any floating ``[..., H, W]``
+    key as a bilinear per-pixel map; colour jitter and Normalize touch only the image).
+
+    Args:
+        dataset: the same un-augmented dataset the cache was built on (``transform=None``).
+        cache: the ``TeacherCache``.
+        transform: the joint training transform, e.g. ``data.train_transforms(crop_size)``.
+
+    References:
+        Taught in notebooks/03_dudes.ipynb.
+    """
+
+    def __init__(self, dataset: Dataset, cache: TeacherCache,
+                 transform: Callable[[dict], dict] | None = None):
+        if len(dataset) != len(cache):
+            raise ValueError(f"the cache holds {len(cache)} images but the dataset has "
+                             f"{len(dataset)}; build the cache on this very dataset.")
+        self.dataset, self.cache, self.transform = dataset, cache, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = dict(self.dataset[i])
+        if "index" in sample and int(sample["index"]) != int(self.cache.dataset_index[i]):
+            raise ValueError(f"sample {i} has index {int(sample['index'])} but the cache stored "
+                             f"index {int(self.cache.dataset_index[i])} there; the cache belongs "
+                             "to another dataset or order. Rebuild it.")
+        size = tuple(sample["image"].shape[-2:])
+        for key, value in self.cache[i].items():
+            if tuple(value.shape[-2:]) != size:
+                raise ValueError(f"cached {key} is {tuple(value.shape[-2:])} but image {i} is "
+                                 f"{size}; build the cache on the un-augmented dataset "
+                                 "(transform=None) and pass the augmentation here instead.")
+            sample[key] = value.clone()
+        return sample if self.transform is None else self.transform(sample)
