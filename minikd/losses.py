@@ -24,6 +24,7 @@ from torch import Tensor
 
 __all__ = [
     "KD_CONVENTIONS",
+    "ClassWiseUncertaintyLoss",
     "DUDESLoss",
     "DistillationLoss",
     "EMUFormerLoss",
@@ -805,3 +806,42 @@ class EMUFormerLoss:
             batch["depth"], probs, var_t, weights=self.weights,
             ignore_index=self.ignore_index, kl_ignore_mask=probs.sum(dim=1) < 0.5,
         )
+
+
+class ClassWiseUncertaintyLoss:
+    """``loss_fn(outputs, batch)`` for ``models.ClassWiseUncertaintyStudent``: CE + RMSLE over the
+    whole class-wise std map (the Holder & Shafique target, in DUDES' loss form).
+
+    L = CE(logits, labels) + RMSLE(class_uncertainty, teacher class-wise std), the RMSLE averaged
+    over all B·C·H·W entries. Same form and no more hyperparameters than ``DUDESLoss``, so the
+    two differ only in *what* is distilled (DUDES §5).
+
+    Args:
+        ignore_index: label ignored by the CE.
+        teacher_key: batch key of the teacher's class-wise std map ``[B, C, H, W]`` (a
+            ``TeacherCache`` built from a teacher whose ``"uncertainty"`` is class-wise stores it
+            under "teacher_unc").
+
+    Returns (when called):
+        (loss, {"ce": ..., "rmsle": ...}), terms detached.
+
+    References:
+        Holder & Shafique, ICCVW 2021; Landgraf et al., DUDES (2023) Eq. 1-3 and §5.
+        Taught in notebooks/03_dudes.ipynb (ablation).
+    """
+
+    def __init__(self, ignore_index: int = 255, teacher_key: str = "teacher_unc") -> None:
+        self.ignore_index, self.teacher_key = ignore_index, teacher_key
+
+    def __call__(self, outputs, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        target = _require(batch, self.teacher_key, "ClassWiseUncertaintyLoss").float()
+        logits = outputs["logits"]
+        if target.shape != logits.shape:
+            raise ValueError(
+                f"batch[{self.teacher_key!r}] has shape {_shape(target)}; expected the teacher's "
+                f"class-wise std map of the logits' shape {_shape(logits)}. A [B, H, W] target is "
+                "the DUDES one: use DUDESLoss for it."
+            )
+        ce = cross_entropy(logits, batch["mask"], self.ignore_index)
+        rmsle = rmsle_loss(outputs["class_uncertainty"], target)
+        return ce + rmsle, {"ce": ce.detach(), "rmsle": rmsle.detach()}

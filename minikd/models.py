@@ -60,6 +60,7 @@ __all__ = [
     "SUPPORTED_ENCODERS",
     "UNET_PRESETS",
     "AllMLPDecoder",
+    "ClassWiseUncertaintyStudent",
     "DUDESStudent",
     "DepthFormer",
     "SegDepthFormer",
@@ -70,6 +71,7 @@ __all__ = [
     "build_segmenter",
     "check_input",
     "count_parameters",
+    "light_unet",
     "load_encoder_weights",
     "param_groups",
     "unet_family",
@@ -714,3 +716,108 @@ def as_dict(out: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
                      "smp models with aux_params return (masks, labels): drop aux_params.")
 
 
+
+
+# --------------------------------------------------------------------------- Holder & Shafique
+class ClassWiseUncertaintyStudent(_ParamGroupsMixin, nn.Module):
+    """A DUDES-like student whose uncertainty head predicts one std per *class* (C channels).
+
+    This is the target of Holder & Shafique (2021) that DUDES simplifies: instead of the std of
+    the predicted class only (one channel), the student learns the teacher's whole class-wise
+    standard-deviation map ``[C, H, W]`` (DUDES §5). The head is a freshly initialised copy of
+    the segmentation head (C output channels) followed by a sigmoid, sharing the decoder, so it
+    adds ``C`` times the parameters of the DUDES head (4,883 for DeepLabV3+ ResNet18 with 19
+    classes). Everything else (decoder, training, loss form) stays as in DUDES, which makes the
+    comparison "what is distilled" only; Holder & Shafique's own heads and extra losses are not
+    reproduced.
+
+    Args:
+        segmenter: as for ``DUDESStudent`` (anything with ``forward_features`` and
+            ``segmentation_head``).
+
+    Returns (forward):
+        ``{"logits": [B, C, H, W], "class_uncertainty": [B, C, H, W] in [0, 1],
+        "uncertainty": [B, H, W]}``, the last being the class-wise map read at the predicted
+        class (argmax of the logits), i.e. the quantity DUDES distils, so every metric written
+        for a DUDES student applies unchanged.
+
+    References:
+        Holder & Shafique, "Efficient Uncertainty Estimation in Semantic Segmentation via
+        Distillation", ICCVW 2021; Landgraf et al., DUDES (2023) §5. Taught in
+        notebooks/03_dudes.ipynb (ablation).
+    """
+
+    def __init__(self, segmenter: nn.Module):
+        super().__init__()
+        if isinstance(segmenter, smp.base.SegmentationModel):
+            segmenter = Segmenter(segmenter)
+        if not (hasattr(segmenter, "forward_features") and hasattr(segmenter, "segmentation_head")):
+            raise ValueError(f"ClassWiseUncertaintyStudent needs a segmenter with "
+                             f"forward_features() and segmentation_head; got "
+                             f"{type(segmenter).__name__}.")
+        self.segmenter = segmenter
+        head = copy.deepcopy(segmenter.segmentation_head)
+        for m in head.modules():  # same layout as the segmentation head, fresh weights
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        self.uncertainty_head = nn.Sequential(head, nn.Sigmoid())
+        self.output_stride = segmenter.output_stride
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Logits, the class-wise uncertainty map and its value at the predicted class."""
+        features = self.segmenter.forward_features(x)
+        logits = self.segmenter.segmentation_head(features)
+        class_unc = self.uncertainty_head(features)
+        if logits.shape[-2:] != x.shape[-2:]:  # heads without their own upsampling (SegFormer)
+            logits = F.interpolate(logits, x.shape[-2:], mode="bilinear", align_corners=False)
+            class_unc = F.interpolate(class_unc, x.shape[-2:], mode="bilinear",
+                                      align_corners=False)
+        pred = logits.detach().argmax(1, keepdim=True)
+        return {"logits": logits, "class_uncertainty": class_unc,
+                "uncertainty": class_unc.gather(1, pred)[:, 0]}
+
+
+# --------------------------------------------------------------------------- light U-Net teachers
+def light_unet(encoder: str, num_classes: int, encoder_depth: int = 3,
+               decoder_channels: tuple[int, ...] = (32, 16, 8)) -> Segmenter:
+    """A U-Net with a short encoder and a thin decoder: a CPU stand-in for an encoder teacher.
+
+    The U-Net KD paper's teachers are U-Nets whose encoder is VGG16, ResNet50 or MobileNetV2
+    (``build_segmenter("Unet", ...)``, 7-33 M parameters). On a laptop CPU they are too slow to
+    train in a quick lesson, so quick mode keeps their *families* but shrinks them: e.g.
+    ``"tu-repvgg_a0"`` (a VGG-style plain 3x3 network), ``"tu-resnet10t"`` (a 10-layer ResNet),
+    ``"tu-mobilenetv2_050"`` (MobileNetV2 at half width), only the first ``encoder_depth``
+    stages, and a decoder of ``decoder_channels``. Randomly initialised (no download).
+
+    Prefer timm names (``"tu-..."``): timm builds only the stages used, so
+    ``count_parameters`` is honest; smp's own encoders (``"resnet50"``) keep every stage's
+    parameters even when ``encoder_depth`` < 5.
+
+    Args:
+        encoder: an smp encoder name, e.g. ``"tu-resnet10t"``.
+        num_classes: output channels.
+        encoder_depth: encoder stages used (3-5); the output stride is ``2**encoder_depth``.
+        decoder_channels: one entry per stage, from the deepest to the finest.
+
+    Returns:
+        A ``Segmenter`` (input validation, ``forward_features``, ``param_groups``).
+
+    Raises:
+        ValueError: unknown encoder, or ``len(decoder_channels) != encoder_depth``.
+
+    References:
+        U-Net KD paper (unet_kd_ensemble_teachers), §III-B and Table III.
+        Taught in notebooks/02_unet_ensemble_weighting.ipynb.
+    """
+    decoder_channels = tuple(int(c) for c in decoder_channels)
+    if not 3 <= encoder_depth <= 5 or len(decoder_channels) != encoder_depth:
+        raise ValueError(f"encoder_depth={encoder_depth} with decoder_channels={decoder_channels}"
+                         "; expected a depth in 3..5 and one decoder width per stage, e.g. "
+                         "encoder_depth=3, decoder_channels=(32, 16, 8).")
+    try:
+        model = smp.Unet(encoder_name=encoder, encoder_weights=None, encoder_depth=encoder_depth,
+                         decoder_channels=decoder_channels, classes=num_classes)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise ValueError(f"light_unet cannot build encoder {encoder!r}: {err} Use an smp encoder "
+                         "name or a timm one with the 'tu-' prefix, e.g. 'tu-resnet10t'.") from err
+    return Segmenter(model, name=f"Unet-{encoder}-d{encoder_depth}")

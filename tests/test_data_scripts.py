@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minikd._realdata_wip import GTA5, Cityscapes, NYUv2
+from minikd.data import GTA5, Cityscapes, NYUv2
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "data_scripts"
 

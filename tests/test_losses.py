@@ -559,3 +559,26 @@ def test_dudes_and_emuformer_loss_fns():
              "teacher_depth_var": torch.rand(B, H, W)}
     loss, terms = L.EMUFormerLoss()(out, batch)
     assert set(terms) == {"ce", "gnll", "kl", "rmsle"} and torch.isfinite(loss)
+
+
+def test_class_wise_uncertainty_loss_is_ce_plus_rmsle_over_the_whole_map():
+    s = _logits(0)
+    labels = torch.randint(0, C, (B, H, W), generator=_gen(1))
+    class_unc, target = _uncertainty(2, (B, C, H, W)), _uncertainty(3, (B, C, H, W))
+    out = {"logits": s, "class_uncertainty": class_unc, "uncertainty": class_unc[:, 0]}
+    loss, terms = L.ClassWiseUncertaintyLoss()(out, {"mask": labels, "teacher_unc": target.half()})
+    assert terms["rmsle"].item() == pytest.approx(_rmsle_oracle(class_unc, target.half().float()),
+                                                  rel=1e-5)
+    assert terms["ce"].item() == pytest.approx(F.cross_entropy(s, labels).item(), rel=1e-6)
+    assert loss.item() == pytest.approx((terms["ce"] + terms["rmsle"]).item(), rel=1e-6)
+    _, same = L.ClassWiseUncertaintyLoss()(out, {"mask": labels, "teacher_unc": class_unc})
+    assert same["rmsle"].item() == 0.0
+
+
+def test_class_wise_uncertainty_loss_rejects_the_dudes_target():
+    out = {"logits": _logits(0), "class_uncertainty": _uncertainty(2, (B, C, H, W))}
+    labels = torch.randint(0, C, (B, H, W), generator=_gen(1))
+    with pytest.raises(ValueError, match="DUDESLoss"):
+        L.ClassWiseUncertaintyLoss()(out, {"mask": labels, "teacher_unc": _uncertainty(3)})
+    with pytest.raises(ValueError, match="teacher cache"):
+        L.ClassWiseUncertaintyLoss(teacher_key="teacher_class_std")(out, {"mask": labels})

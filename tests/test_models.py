@@ -352,3 +352,51 @@ def test_as_dict_and_count_parameters():
     frozen = sum(p.numel() for p in net.encoder.parameters())
     assert count_parameters(net) == total - frozen
     assert count_parameters(net, trainable_only=False) == total
+
+
+# --------------------------------------------------------------------------- Holder & Shafique
+def test_class_wise_student_head_is_c_times_the_dudes_head():
+    baseline = build_segmenter("DeepLabV3Plus", "resnet18", 19)
+    student = models.ClassWiseUncertaintyStudent(baseline)
+    assert count_parameters(student) - count_parameters(baseline) == 19 * 257
+    unet = unet_family("tiny", 3)
+    student = models.ClassWiseUncertaintyStudent(unet)
+    assert student.segmenter is unet
+    assert count_parameters(student) - count_parameters(unet) == 3 * (4 + 1)
+
+
+def test_class_wise_student_outputs_read_the_map_at_the_predicted_class():
+    torch.manual_seed(0)
+    student = models.ClassWiseUncertaintyStudent(unet_family("tiny", 4)).eval()
+    with torch.no_grad():
+        out = student(X)
+    assert set(out) == {"logits", "class_uncertainty", "uncertainty"}
+    assert out["class_uncertainty"].shape == (2, 4, 64, 64)
+    assert out["uncertainty"].shape == (2, 64, 64)
+    assert 0 <= out["class_uncertainty"].min() and out["class_uncertainty"].max() <= 1
+    pred = out["logits"].argmax(1)
+    for b, i, j in [(0, 0, 0), (1, 10, 33), (0, 63, 63)]:
+        assert out["uncertainty"][b, i, j] == out["class_uncertainty"][b, pred[b, i, j], i, j]
+    seg = models.ClassWiseUncertaintyStudent(SegFormer("mit_b0", 3)).eval()
+    with torch.no_grad():
+        out = seg(torch.rand(1, 3, 32, 64))
+    assert out["class_uncertainty"].shape == (1, 3, 32, 64)
+    with pytest.raises(ValueError, match="forward_features"):
+        models.ClassWiseUncertaintyStudent(torch.nn.Conv2d(3, 3, 1))
+
+
+# --------------------------------------------------------------------------- light U-Net teachers
+@pytest.mark.parametrize("encoder", ["tu-resnet10t", "tu-mobilenetv2_050"])
+def test_light_unet_builds_small_honest_teachers(encoder):
+    model = models.light_unet(encoder, 5, encoder_depth=3, decoder_channels=(16, 8, 8))
+    assert model.output_stride == 8
+    assert count_parameters(model) < 600_000  # timm builds only the stages used
+    with torch.no_grad():
+        assert model.eval()(torch.rand(2, 3, 32, 48)).shape == (2, 5, 32, 48)
+
+
+def test_light_unet_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="decoder_channels"):
+        models.light_unet("tu-resnet10t", 5, encoder_depth=3, decoder_channels=(16, 8))
+    with pytest.raises(ValueError, match="tu-"):
+        models.light_unet("tu-no_such_net", 5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minikd._realdata_wip import (
+from minikd.data import (
     GTA5,
     NYUV2_PALETTE,
     Cityscapes,
