@@ -9,6 +9,10 @@ A colour-only baseline (a per-pixel MLP on RGB) shows that no class is separable
 Usage:
     python benchmarks/toycity_difficulty.py               # ~2-4 min on a 2-core CPU
     python benchmarks/toycity_difficulty.py --iters 600 --n-train 800
+    python benchmarks/toycity_difficulty.py --iters 3000 --n-train 1000   # ~12 min loaded
+
+Measured (UNet(4, 64), 64x128, shared 2-core CPU): source val mIoU 0.31 after 400 iterations,
+0.40 after 1500 and 0.45 after 3000; target val 0.13-0.17 (a 16-33 point drop).
 
 Prints mIoU and per-class IoU on source val and target val, the source->target drop, and error
 rates at label boundaries vs interiors. mIoU comes from a plain confusion matrix in this file.

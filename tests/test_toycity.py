@@ -190,3 +190,68 @@ def test_get_mode(monkeypatch):
     monkeypatch.setenv("MINIKD_MODE", "fast")
     with pytest.raises(ValueError, match="'quick' or 'full'"):
         get_mode()
+
+
+# ---------------------------------------------------------------------------------------------
+# The vectorised renderer's building blocks against plain transcriptions (oracles).
+# ---------------------------------------------------------------------------------------------
+def test_candidate_pixels_match_a_plain_loop():
+    from minikd.data import _candidate_pixels
+
+    width = 7
+    regions = np.array([[0, 2, 1, 4], [3, 3, 0, 5], [1, 4, 6, 7], [2, 2, 2, 2], [4, 5, 0, 7]])
+    k, pix, counts = _candidate_pixels(regions, width)
+    expect = [(i, r * width + c) for i, (v0, v1, u0, u1) in enumerate(regions)
+              for r in range(v0, v1) for c in range(u0, u1)]
+    assert list(zip(k.tolist(), pix.tolist())) == expect
+    assert counts.tolist() == [6, 0, 3, 0, 7]
+
+
+def test_noise_lookup_wraps_like_modulo():
+    from minikd.data import _NOISE, _noise
+
+    rng = np.random.default_rng(0)
+    u, v = rng.uniform(-500, 500, 1000), rng.uniform(-500, 500, 1000).astype(np.float32)
+    n = _NOISE.shape[0]
+    expect = [_NOISE[int(np.floor(b)) % n, int(np.floor(a)) % n] for a, b in zip(u, v)]
+    assert np.array_equal(_noise(u, v), np.array(expect, np.float32))
+
+
+def test_gaussian_blur_matches_padded_sum():
+    from minikd.data import _gaussian_blur
+
+    img = np.random.default_rng(1).random((9, 13, 3), dtype=np.float32)
+    sigma = 1.3
+    r = int(np.ceil(2.5 * sigma))
+    k = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum()).astype(np.float32)
+    p = np.pad(img, ((r, r), (0, 0), (0, 0)), mode="edge")
+    ref = sum(k[i] * p[i:i + 9] for i in range(2 * r + 1))
+    p = np.pad(ref, ((0, 0), (r, r), (0, 0)), mode="edge")
+    ref = sum(k[i] * p[:, i:i + 13] for i in range(2 * r + 1))
+    assert np.array_equal(_gaussian_blur(img, sigma), ref)
+    assert _gaussian_blur(img, 0.05) is img
+
+
+def test_cached_items_equal_fresh_ones():
+    cached, fresh = ToyCity(3, SMALL, ood=True, cache=True), ToyCity(3, SMALL, ood=True)
+    for _ in range(2):  # first read renders, second read comes from the cache
+        for i in range(3):
+            a, b = cached[i], fresh[i]
+            assert set(a) == set(b)
+            for key in a:
+                if torch.is_tensor(a[key]):
+                    assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+def test_class_frequencies_stay_pinned(sample_64):
+    """Notebooks rely on ToyCity's statistics: the label shares of the 40 source items at
+    64x128 (measured when the renderer was vectorised; it kept the pixels bit-identical)."""
+    masks = torch.stack([s["mask"] for s in sample_64])
+    labels = masks[masks != 255]
+    share = torch.bincount(labels, minlength=C).double() / labels.numel()
+    pinned = {"road": 0.188, "sidewalk": 0.0853, "building": 0.3755, "pole": 0.0258,
+              "vegetation": 0.1515, "sky": 0.0406, "car": 0.0954, "person": 0.0094}
+    for name, expect in pinned.items():
+        assert abs(float(share[ID[name]]) - expect) < 0.002, (name, float(share[ID[name]]))
+    assert abs(float((masks == 255).double().mean()) - 0.0219) < 0.002
