@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -69,10 +70,17 @@ __all__ = [
     "MCDropout",
     "TeacherCache",
     "VectorizedEnsemble",
+    "class_weights_from_iou",
+    "confidence_weights",
     "depth_predictive_variance",
     "dudes_uncertainty",
     "ensemble_statistics",
+    "ensemble_weight_confusions",
+    "fuse_teacher_caches",
+    "search_ensemble_weights",
     "stack_members",
+    "weight_grid",
+    "weighted_fusion",
 ]
 
 # Output of a teacher -> the key a CachedTargets sample carries it under.
@@ -808,3 +816,369 @@ class CachedTargets(Dataset):
                                  "(transform=None) and pass the augmentation here instead.")
             sample[key] = value.clone()
         return sample if self.transform is None else self.transform(sample)
+
+
+# --------------------------------------------------------------------------- weighted teachers
+# The U-Net KD paper (§III-C) mixes three teachers' predictions with static weights found by
+# three nested loops over [0, 5); its conclusion suggests computing the weights dynamically.
+# Everything below works on softmax probabilities that were computed ONCE (e.g. from a
+# TeacherCache), so a grid search or a new fusion never runs a teacher again.
+
+
+def _member_stack(member_probs: Tensor | Sequence[Tensor], what: str = "member_probs") -> Tensor:
+    """``[M, B, C, H, W]`` from a stacked tensor or a sequence of ``[B, C, H, W]`` tensors."""
+    if not isinstance(member_probs, Tensor):
+        member_probs = torch.stack(list(member_probs))
+    if member_probs.dim() != 5:
+        raise ValueError(f"{what} has shape {tuple(member_probs.shape)}; expected "
+                         "[M, B, C, H, W] (members stacked on dim 0). For one member, use "
+                         "probs.unsqueeze(0).")
+    return member_probs
+
+
+def _check_nonnegative(weights: Tensor, name: str) -> None:
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError(f"{name} must be finite and non-negative; got {weights.tolist()}"
+                         if weights.numel() <= 12 else
+                         f"{name} must be finite and non-negative; got min "
+                         f"{float(weights.min())}.")
+
+
+def weighted_fusion(member_probs: Tensor | Sequence[Tensor], weights: Tensor | Sequence[float]
+                    ) -> Tensor:
+    """The weighted sum of the teachers' predictions, normalised to a distribution.
+
+    Three kinds of weights, told apart by their shape:
+
+    * **static** ``[M]`` — the paper's ``wSum = Σ_m w_m · pred_m``, with the weights divided by
+      their sum (the paper requires ``w_VGG16 + w_ResNet50 + w_MobileNetV2 = 1``; scaling all
+      weights changes nothing);
+    * **per class** ``[M, C]`` — ``p_c ∝ Σ_m w_mc · p_mc``, renormalised over the classes at
+      each pixel (with weights constant over c this is the static case);
+    * **per pixel** ``[M, B, H, W]`` — ``p = Σ_m w_m(x) · p_m(x)`` with ``w(x)`` divided by
+      ``Σ_m w_m(x)`` at each pixel (e.g. ``confidence_weights``).
+
+    Args:
+        member_probs: ``[M, B, C, H, W]`` softmax probabilities of M teachers (or a sequence of
+            M tensors ``[B, C, H, W]``).
+        weights: non-negative, not all zero (for per-pixel weights: not all zero at any pixel).
+
+    Returns:
+        ``[B, C, H, W]`` probabilities (they sum to 1 over C).
+
+    Raises:
+        ValueError: on a shape that fits none of the three kinds, negative or all-zero weights.
+
+    References:
+        U-Net KD paper (unet_kd_ensemble_teachers), §III-C, the ``wSum`` equation; per-class and
+        per-pixel weights follow its conclusion ("calculating the weights of the ensemble
+        teachers dynamically"). Taught in notebooks/02_unet_ensemble_weighting.ipynb.
+    """
+    p = _member_stack(member_probs)
+    m, b, c, h, w = p.shape
+    weights = torch.as_tensor(weights, dtype=p.dtype, device=p.device)
+    kinds = {(m,): "static", (m, c): "per-class", (m, b, h, w): "per-pixel"}
+    kind = kinds.get(tuple(weights.shape))
+    if kind is None:
+        raise ValueError(f"weights of shape {tuple(weights.shape)} do not fit {m} members, {c} "
+                         f"classes, {b} images of {h}x{w}; expected [M]={[m]} (static), "
+                         f"[M, C]={[m, c]} (per class) or [M, B, H, W]={[m, b, h, w]} (per "
+                         "pixel).")
+    _check_nonnegative(weights, "weights")
+    if kind == "static":
+        if float(weights.sum()) <= 0:
+            raise ValueError(f"weights {weights.tolist()} are all zero; give at least one "
+                             "member a positive weight.")
+        return (weights.view(m, 1, 1, 1, 1) / weights.sum() * p).sum(0)
+    if kind == "per-class":
+        if float(weights.sum()) <= 0:
+            raise ValueError("per-class weights are all zero; give at least one member a "
+                             "positive weight.")
+        raw = (weights.view(m, 1, c, 1, 1) * p).sum(0)
+        return raw / raw.sum(1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    total = weights.sum(0)
+    if bool((total <= 0).any()):
+        raise ValueError(f"per-pixel weights sum to 0 at {int((total <= 0).sum())} pixels; every "
+                         "pixel needs one member with a positive weight.")
+    return ((weights / total).unsqueeze(2) * p).sum(0)
+
+
+def weight_grid(n_members: int, values: Sequence[float] | Tensor = range(5)) -> Tensor:
+    """Every combination of weights the paper's nested loops visit, in loop order.
+
+    ``weight_grid(3, range(5))`` is ``for w1 in range(5): for w2 ...: for w3 ...`` — 5**3 = 125
+    combinations, minus (0, 0, 0), which weighs nothing: 124 rows. Collinear rows, e.g. (1, 1, 1)
+    and (2, 2, 2), are the same mixture once normalised.
+
+    Args:
+        n_members: M, the number of nested loops (teachers).
+        values: the values each weight runs over (the paper: [0, 5) in steps of 1).
+
+    Returns:
+        ``[K, M]`` float32, K = len(values)**M minus the all-zero rows.
+
+    References:
+        U-Net KD paper (unet_kd_ensemble_teachers), §III-C: "three nested loops, which assign
+        values ... from an interval of [0, 5)". Taught in
+        notebooks/02_unet_ensemble_weighting.ipynb.
+    """
+    if isinstance(n_members, bool) or not isinstance(n_members, int) or n_members < 1:
+        raise ValueError(f"n_members={n_members!r}; expected a positive int (one loop per "
+                         "teacher).")
+    vals = [float(v) for v in (values.tolist() if isinstance(values, Tensor) else values)]
+    if not vals or any(not v >= 0 or v == float("inf") for v in vals):
+        raise ValueError(f"values {vals} must be a non-empty list of finite, non-negative "
+                         "weights, e.g. range(5).")
+    rows = [row for row in itertools.product(vals, repeat=n_members) if sum(row) > 0]
+    if not rows:
+        raise ValueError(f"values {vals} give only all-zero weightings; include a positive value.")
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def _miou_of_confusions(confusions: Tensor) -> Tensor:
+    """mIoU of each ``[..., C, C]`` confusion matrix, as ``metrics.SegmentationMeter`` gives it
+    (IoU = TP / (TP + FP + FN), classes in neither labels nor predictions left out)."""
+    conf = confusions.double()
+    tp = conf.diagonal(dim1=-2, dim2=-1)
+    union = conf.sum(-1) + conf.sum(-2) - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+    return iou.nanmean(-1)
+
+
+def ensemble_weight_confusions(member_probs: Tensor | Sequence[Tensor], labels: Tensor,
+                               grid: Tensor, num_classes: int, *, ignore_index: int = 255,
+                               chunk: int | None = None) -> Tensor:
+    """The confusion matrix of the fused prediction for every weighting of a grid, vectorised.
+
+    Inside the paper's loops only the weighted sum changes, so the teachers' probabilities are
+    computed once and each weighting costs one weighted sum, one argmax and one ``bincount``.
+    ``chunk`` weightings are fused at once (one matrix product). Confusions of several batches
+    of images add up, so a validation set that does not fit in memory can be streamed through
+    this function and the sum passed to ``search_ensemble_weights(confusions=...)``.
+
+    Args:
+        member_probs: ``[M, B, C, H, W]`` teacher probabilities (or a sequence of ``[B,C,H,W]``).
+        labels: ``[B, H, W]`` int, 0..C-1 or ``ignore_index``.
+        grid: ``[K, M]`` non-negative weightings, e.g. ``weight_grid(3, range(5))``.
+        num_classes: C.
+        ignore_index: label left out of the counts.
+        chunk: weightings fused at once (default: as many as fit in ~16 M floats, 64 MB).
+
+    Returns:
+        ``[K, C, C]`` int64 confusion matrices, rows = true class (as ``SegmentationMeter``).
+
+    References:
+        U-Net KD paper (unet_kd_ensemble_teachers), §III-C. Taught in
+        notebooks/02_unet_ensemble_weighting.ipynb.
+    """
+    p = _member_stack(member_probs)
+    m, b, c, h, w = p.shape
+    grid = torch.as_tensor(grid, dtype=p.dtype, device=p.device)
+    if grid.dim() != 2 or grid.shape[1] != m:
+        raise ValueError(f"grid has shape {tuple(grid.shape)}; expected [K, M={m}], one weight "
+                         "per member in each row (see weight_grid).")
+    _check_nonnegative(grid, "grid")
+    if bool((grid.sum(1) <= 0).any()):
+        raise ValueError("grid has an all-zero row; leave it out (weight_grid does).")
+    if c != num_classes:
+        raise ValueError(f"member_probs have {c} classes but num_classes={num_classes}.")
+    if tuple(labels.shape) != (b, h, w):
+        raise ValueError(f"labels have shape {tuple(labels.shape)}; expected [B, H, W] = "
+                         f"{[b, h, w]} to match member_probs.")
+    labels = labels.to(p.device)
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= c))
+    if bool(bad.any()):
+        raise ValueError(f"labels contain {labels[bad].unique().tolist()}; expected 0..{c - 1} "
+                         f"or {ignore_index} (ignore).")
+    target = labels[valid]
+    flat = p.permute(0, 1, 3, 4, 2)[:, valid].reshape(m, -1)  # [M, P*C], valid pixels only
+    chunk = chunk or max(1, (1 << 24) // max(1, flat.shape[1]))
+    normed = grid / grid.sum(1, keepdim=True)
+    out = torch.empty(len(grid), c, c, dtype=torch.long)
+    for start in range(0, len(grid), chunk):
+        wk = normed[start:start + chunk]  # [k, M]
+        pred = (wk @ flat).view(len(wk), -1, c).argmax(-1)  # [k, P]
+        offset = torch.arange(len(wk), device=p.device)[:, None] * c * c
+        counts = torch.bincount((offset + target * c + pred).flatten(), minlength=len(wk) * c * c)
+        out[start:start + len(wk)] = counts.view(len(wk), c, c).cpu()
+    return out
+
+
+def search_ensemble_weights(member_probs: Tensor | Sequence[Tensor] | None,
+                            labels: Tensor | None, num_classes: int, *,
+                            grid: Tensor | None = None, values: Sequence[float] = range(5),
+                            confusions: Tensor | None = None, ignore_index: int = 255,
+                            chunk: int | None = None) -> dict[str, Tensor | float | int]:
+    """The paper's weight search: the weighting whose fused prediction has the best mIoU.
+
+    Equivalent to three nested loops over ``values`` (tests/test_ensembles_weighting.py checks
+    it against them): for each weighting, fuse the teachers' validation probabilities
+    (``weighted_fusion``), take the mIoU, keep the best. Ties (within 1e-12) go to the first
+    weighting in loop order, as a loop with ``if miou > best`` would. Both a single teacher
+    (1, 0, 0) and the plain mean (1, 1, 1) are in the default grid, so the result is never worse
+    than either on the data it was searched on — which is also why it is optimistic there.
+
+    Args:
+        member_probs: ``[M, B, C, H, W]`` validation probabilities; None with ``confusions``.
+        labels: ``[B, H, W]``; None with ``confusions``.
+        num_classes: C.
+        grid: ``[K, M]`` weightings (default ``weight_grid(M, values)``; required with
+            ``confusions``).
+        values: values of each loop when ``grid`` is None (the paper: range(5)).
+        confusions: ``[K, C, C]`` from ``ensemble_weight_confusions``, summed over batches.
+        ignore_index: void label.
+        chunk: see ``ensemble_weight_confusions``.
+
+    Returns:
+        ``{"weights": [M] normalised to sum 1, "raw_weights": [M] the grid row, "miou": float,
+        "mious": [K] float64, "grid": [K, M], "index": int}``.
+
+    References:
+        U-Net KD paper (unet_kd_ensemble_teachers), §III-C. Taught in
+        notebooks/02_unet_ensemble_weighting.ipynb.
+    """
+    if confusions is None:
+        if member_probs is None or labels is None:
+            raise ValueError("give member_probs and labels, or confusions (with grid).")
+        p = _member_stack(member_probs)
+        grid = weight_grid(p.shape[0], values) if grid is None else torch.as_tensor(grid)
+        confusions = ensemble_weight_confusions(p, labels, grid, num_classes,
+                                                ignore_index=ignore_index, chunk=chunk)
+    elif grid is None:
+        raise ValueError("confusions were given without the grid they were computed on; pass "
+                         "grid=... as well.")
+    grid = torch.as_tensor(grid, dtype=torch.float32).cpu()
+    if confusions.shape != (len(grid), num_classes, num_classes):
+        raise ValueError(f"confusions have shape {tuple(confusions.shape)}; expected [K, C, C] = "
+                         f"{[len(grid), num_classes, num_classes]} for this grid.")
+    mious = _miou_of_confusions(confusions)
+    best = float(mious.nan_to_num(float("-inf")).max())
+    index = int((mious >= best - 1e-12).nonzero()[0])
+    raw = grid[index]
+    return {"weights": raw / raw.sum(), "raw_weights": raw, "miou": float(mious[index]),
+            "mious": mious, "grid": grid, "index": index}
+
+
+def class_weights_from_iou(iou: Tensor, power: float = 1.0, floor: float = 1e-3) -> Tensor:
+    """Per-class teacher weights ``w_mc ∝ max(IoU_mc, floor)**power``, each class summing to 1.
+
+    A teacher counts, for each class, in proportion to how well it segments that class on the
+    validation set. ``power`` sharpens (large: the best teacher per class decides) or flattens
+    (0: equal weights); ``floor`` keeps a class that no teacher gets right (IoU 0 or NaN, i.e.
+    absent) at equal weights instead of 0/0.
+
+    Args:
+        iou: ``[M, C]`` per-class validation IoU of each teacher (NaN allowed: treated as 0).
+        power: exponent γ >= 0.
+        floor: smallest IoU used (> 0).
+
+    Returns:
+        ``[M, C]`` weights for ``weighted_fusion``; every column sums to 1.
+
+    References:
+        Not in the U-Net KD paper: one of the "dynamic" weightings its conclusion asks for
+        (§IV-D, §V). Taught in notebooks/02_unet_ensemble_weighting.ipynb.
+    """
+    iou = torch.as_tensor(iou)
+    if iou.dim() != 2:
+        raise ValueError(f"iou has shape {tuple(iou.shape)}; expected [M, C] (one row of "
+                         "per-class IoUs per teacher, e.g. SegmentationMeter.compute()['iou']).")
+    if not power >= 0 or not floor > 0:
+        raise ValueError(f"power={power}, floor={floor}; expected power >= 0 and floor > 0.")
+    w = iou.double().nan_to_num(0.0).clamp_min(floor) ** power
+    return (w / w.sum(0, keepdim=True)).to(torch.get_default_dtype())
+
+
+def confidence_weights(member_probs: Tensor | Sequence[Tensor],
+                       base_weights: Tensor | Sequence[float] | None = None,
+                       power: float = 1.0) -> Tensor:
+    """Per-pixel teacher weights ``w_m(x) ∝ base_m · (max_c p_mc(x))**power``.
+
+    At each pixel every teacher's (static) weight is scaled by its confidence, the probability
+    of its top class, so a teacher that is unsure where another is sure steps back there.
+    ``power`` 0 gives the static weights everywhere; a large power lets the most confident
+    teacher decide. Computed in log space (no underflow for large powers).
+
+    Args:
+        member_probs: ``[M, B, C, H, W]`` probabilities (or a sequence of ``[B, C, H, W]``).
+        base_weights: ``[M]`` non-negative static weights (default: equal).
+        power: exponent γ >= 0.
+
+    Returns:
+        ``[M, B, H, W]`` weights summing to 1 over the members, for ``weighted_fusion``.
+
+    References:
+        Not in the U-Net KD paper: one of the "dynamic" weightings its conclusion asks for
+        (§IV-D, §V). Taught in notebooks/02_unet_ensemble_weighting.ipynb.
+    """
+    p = _member_stack(member_probs)
+    m = p.shape[0]
+    if not power >= 0:
+        raise ValueError(f"power={power}; expected a number >= 0 (0: static weights).")
+    base = torch.ones(m) if base_weights is None else torch.as_tensor(base_weights).float()
+    if base.shape != (m,):
+        raise ValueError(f"base_weights have shape {tuple(base.shape)}; expected [{m}], one per "
+                         "member.")
+    _check_nonnegative(base, "base_weights")
+    if float(base.sum()) <= 0:
+        raise ValueError("base_weights are all zero; give one member a positive weight.")
+    top = p.float().amax(2).clamp_min(torch.finfo(torch.float32).tiny)
+    logits = base.to(p.device).log().view(m, 1, 1, 1) + power * top.log()
+    return logits.softmax(0).to(p.dtype)
+
+
+def fuse_teacher_caches(caches: Sequence[TeacherCache], fuse: Callable[[Tensor], Tensor], *,
+                        batch_size: int = 32, dtype: torch.dtype = torch.float16,
+                        eps: float = 1e-12) -> TeacherCache:
+    """One cache of the fused ensemble teacher, built from the members' caches (no teacher runs).
+
+    For each batch, the members' cached ``"logits"`` (softmaxed) or ``"probs"`` are stacked to
+    ``[M, b, C, H, W]`` and passed to ``fuse`` (e.g. ``lambda p: weighted_fusion(p, w)``); the
+    result is stored as ``log(p)`` under ``"logits"``, so ``CachedTargets`` gives it as
+    ``"teacher_logits"`` and ``losses.DistillationLoss`` softens it with τ exactly
+    (softmax(log p / τ) ∝ p**(1/τ)). Storing log p rather than p keeps the small probabilities
+    that a high τ magnifies (float16 would flush those below 6e-8 to 0).
+
+    Args:
+        caches: ``TeacherCache`` of each member, built on the same data set in the same order.
+        fuse: ``[M, b, C, H, W]`` probabilities -> ``[b, C, H, W]`` probabilities.
+        batch_size: images fused at once.
+        dtype: storage dtype.
+        eps: probabilities are clamped to at least this before the log.
+
+    Returns:
+        A ``TeacherCache`` with ``targets = {"logits": [N, C, H, W]}`` and the members'
+        ``dataset_index``.
+
+    References:
+        U-Net KD paper (unet_kd_ensemble_teachers), §III-C and Fig. 2 (the weighted ensemble as
+        the teacher of standard KD). Taught in notebooks/02_unet_ensemble_weighting.ipynb.
+    """
+    caches = list(caches)
+    if not caches:
+        raise ValueError("caches is empty; pass one TeacherCache per ensemble member.")
+    ref = caches[0].dataset_index
+    for k, cache in enumerate(caches):
+        if not torch.equal(cache.dataset_index, ref):
+            raise ValueError(f"cache {k} holds {len(cache)} images with other dataset indices "
+                             f"than cache 0 ({len(caches[0])}); build every member's cache on the "
+                             "same data set, in the same order.")
+        if not {"logits", "probs"} & set(cache.targets):
+            raise ValueError(f"cache {k} holds {sorted(cache.targets)}; build it with "
+                             "targets=('logits',) or ('probs',).")
+
+    def probs(cache: TeacherCache, sl: slice) -> Tensor:
+        if "logits" in cache.targets:
+            return cache.targets["logits"][sl].float().softmax(1)
+        return cache.targets["probs"][sl].float()
+
+    n = len(ref)
+    out: Tensor | None = None
+    for start in range(0, n, batch_size):
+        sl = slice(start, min(start + batch_size, n))
+        fused = fuse(torch.stack([probs(cache, sl) for cache in caches]))
+        if out is None:
+            out = torch.empty((n, *fused.shape[1:]), dtype=dtype)
+        out[sl] = fused.clamp_min(eps).log().to(dtype)
+    return TeacherCache._from_state({"targets": {"logits": out}, "dataset_index": ref.clone()})
