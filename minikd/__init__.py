@@ -1,1 +1,15 @@
-"""minikd: knowledge distillation and uncertainty distillation for segmentation and depth."""
+"""minikd: knowledge distillation and uncertainty distillation for segmentation and depth.
+
+One file per concern, each read alongside the notebook that teaches it:
+
+    data       ToyCity (the embedded street scenes), Cityscapes/NYUv2/GTA5 loaders, joint transforms
+    models     smp segmenters, the U-Net family, the DUDES student, SegFormer/DepthFormer/SegDepthFormer
+    losses     pixel-wise KD and its reduction conventions, CWD, SKD, IFVD, RMSLE, EMUFormer losses
+    metrics    mIoU, ECE, PAvPU, AUROC/AP/FPR95, removal curves, depth metrics, FLOPs, timing
+    ensembles  deep ensembles (looped or vmapped), MC dropout, sub-ensembles, the teacher cache
+    training   fit (resumable, DDP), evaluate, train_ensemble, grid search, results files
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]  # import the submodules you need: `from minikd import data, models`
