@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)  ## create .venv and install minikd with its extras
 
+# Jupyter refuses to run as root unless told; root is common in containers and cloud VMs.
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: $(STAMP)  ## open JupyterLab on the notebooks (ToyCity data, no download)
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab $(LAB_ARGS) notebooks/
 
 test: $(STAMP)  ## lint + unit tests + every notebook through nbval in quick mode
 	$(BIN)/ruff check minikd tests benchmarks data_scripts
