@@ -17,42 +17,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _common import add_timing_args, interleaved_ms, make_segmenter, setup_run
 
 from minikd.ensembles import DeepEnsemble, stack_members
-from minikd.models import build_segmenter, unet_family
 
 
-def make_member(arch: str, num_classes: int) -> torch.nn.Module:
-    if arch == "unet-tiny":
-        return unet_family("tiny", num_classes=num_classes)
-    return build_segmenter("DeepLabV3Plus", "resnet18", num_classes=num_classes)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
-                   repeats: int) -> dict[str, float]:
-    """Median per-call wall time in ms, one call of every function per round."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+def median_ms(fns, device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+    """Median per-call wall time in ms of interleaved rounds."""
+    return {k: statistics.median(v)
+            for k, v in interleaved_ms(fns, device, warmup, repeats).items()}
 
 
 def training_steps(members: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor):
@@ -86,29 +62,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, nargs=2, default=[64, 128], help="H W")
     parser.add_argument("--classes", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=None)
+    add_timing_args(parser, warmup=3, repeats=20)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    members = [make_member(args.arch, args.classes).to(device) for _ in range(args.members)]
+    device = setup_run(args)
+    members = [make_segmenter(args.arch, args.classes).to(device) for _ in range(args.members)]
     x = torch.rand(args.batch, 3, *args.size, device=device)
     for m in members:
         m.eval()
     loop, vmap = DeepEnsemble(members, vectorize=False), DeepEnsemble(members, vectorize=True)
     with torch.inference_mode():
-        infer = interleaved_ms({"loop": lambda: loop.predict(x), "vmap": lambda: vmap.predict(x)},
-                               device, args.warmup, args.repeats)
+        infer = median_ms({"loop": lambda: loop.predict(x), "vmap": lambda: vmap.predict(x)},
+                          device, args.warmup, args.repeats)
     for m in members:
         m.train()
     xs = torch.rand(args.members, args.batch, 3, *args.size, device=device)
     ys = torch.randint(0, args.classes, (args.members, args.batch, *args.size), device=device)
     loop_step, vmap_step = training_steps(members, xs, ys)
-    train = interleaved_ms({"loop": loop_step, "vmap": vmap_step}, device, args.warmup,
-                           args.repeats)
+    train = median_ms({"loop": loop_step, "vmap": vmap_step}, device, args.warmup, args.repeats)
     print(f"device={device} threads={torch.get_num_threads()} arch={args.arch} "
           f"N={args.members} batch={args.batch}x3x{args.size[0]}x{args.size[1]} "
           f"repeats={args.repeats}")

@@ -16,42 +16,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from _common import add_timing_args, interleaved_ms, make_segmenter, setup_run
 
 from minikd.ensembles import DeepEnsemble
-from minikd.models import DUDESStudent, build_segmenter, count_parameters, unet_family
-
-
-def make_segmenter(arch: str, num_classes: int) -> torch.nn.Module:
-    """The plain segmenter of the benchmark (random weights: timing does not need training)."""
-    if arch == "unet-tiny":
-        return unet_family("tiny", num_classes=num_classes)
-    return build_segmenter("DeepLabV3Plus", "resnet18", num_classes=num_classes)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
-                   repeats: int) -> dict[str, list[float]]:
-    """Per-call wall times in ms, one call of every function per round."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return times
+from minikd.models import DUDESStudent, count_parameters
 
 
 def main() -> None:
@@ -62,14 +32,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=[256, 512], help="H W")
     parser.add_argument("--batch", type=int, default=1, help="DUDES Table 3: one image")
     parser.add_argument("--classes", type=int, default=19)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=25, help="DUDES: 25 runs")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_timing_args(parser, warmup=3, repeats=25)  # DUDES times 25 runs
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
+    device = setup_run(args)
     plain = make_segmenter(args.arch, args.classes).to(device).eval()
     student = DUDESStudent(plain).to(device).eval()  # shares the plain model's weights
     members = [make_segmenter(args.arch, args.classes).to(device).eval()

@@ -28,17 +28,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from _common import add_timing_args, interleaved_ms, make_segmenter, setup_run
 
 from minikd.data import ToyCity, eval_transforms, train_transforms
 from minikd.ensembles import CachedTargets, DeepEnsemble, TeacherCache
 from minikd.losses import dudes_loss
-from minikd.models import DUDESStudent, build_segmenter, unet_family
-
-
-def make_segmenter(arch: str, num_classes: int) -> torch.nn.Module:
-    if arch == "unet-tiny":
-        return unet_family("tiny", num_classes=num_classes)
-    return build_segmenter("DeepLabV3Plus", "resnet18", num_classes=num_classes)
+from minikd.models import DUDESStudent
 
 
 class Transformed(torch.utils.data.Dataset):
@@ -117,28 +112,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=[128, 256], help="image H W")
     parser.add_argument("--crop", type=int, nargs=2, default=[128, 128], help="crop H W")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=None)
+    add_timing_args(parser, warmup=2, repeats=15)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
+    device = setup_run(args)
     fns, build_s = step_fns(args, device)
-    for _ in range(args.warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(args.repeats):  # interleaved rounds: load drift hits all variants alike
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+    times = interleaved_ms(fns, device, args.warmup, args.repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"device={device} threads={torch.get_num_threads()} arch={args.arch} "
           f"N={args.members} images={args.images}@{args.size[0]}x{args.size[1]} "

@@ -24,29 +24,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _common import small_model
 
 from minikd.data import ToyCity
-
-
-def small_model(name: str, num_classes: int) -> tuple[torch.nn.Module, str]:
-    """A U-Net from minikd.models: a preset name ("tiny", "M128", ...) or "depth,bridge" such as
-    "4,64" for UNet(4, 64). Falls back to a small local conv net (and says so)."""
-    try:
-        from minikd.models import UNet, unet_family
-
-        if "," in name:
-            depth, bridge = (int(v) for v in name.split(","))
-            net, desc = UNet(depth, bridge, num_classes=num_classes), f"UNet({depth}, {bridge})"
-        else:
-            net, desc = unet_family(name, num_classes), f"unet_family({name!r})"
-        n = sum(p.numel() for p in net.parameters())
-        return net, f"minikd.models.{desc}, {n / 1e3:.0f}k parameters"
-    except (ImportError, AttributeError, ValueError):
-        net = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-            torch.nn.Conv2d(16, 32, 3, padding=2, dilation=2), torch.nn.BatchNorm2d(32),
-            torch.nn.ReLU(), torch.nn.Conv2d(32, num_classes, 1))
-        return net, "local 3-layer conv net (minikd.models not available)"
 
 
 def timed(count: int, fn, *args) -> tuple[float, float]:

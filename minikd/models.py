@@ -526,14 +526,17 @@ class DUDESStudent(_ParamGroupsMixin, nn.Module):
         if isinstance(segmenter, smp.base.SegmentationModel):
             segmenter = Segmenter(segmenter)
         if not (hasattr(segmenter, "forward_features") and hasattr(segmenter, "segmentation_head")):
-            raise ValueError(f"DUDESStudent needs a segmenter with forward_features() and "
-                             f"segmentation_head; got {type(segmenter).__name__}.")
+            raise ValueError(f"{type(self).__name__} needs a segmenter with forward_features() "
+                             f"and segmentation_head; got {type(segmenter).__name__}.")
         self.segmenter = segmenter
-        self.uncertainty_head = _uncertainty_head(segmenter.segmentation_head)
+        self.uncertainty_head = self._make_uncertainty_head(segmenter.segmentation_head)
         self.output_stride = segmenter.output_stride
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """``{"logits": [B, C, H, W], "uncertainty": [B, H, W] in [0, 1]}``."""
+    def _make_uncertainty_head(self, segmentation_head: nn.Module) -> nn.Module:
+        return _uncertainty_head(segmentation_head)
+
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits and the uncertainty head's map, both at the input's resolution."""
         features = self.segmenter.forward_features(x)
         logits = self.segmenter.segmentation_head(features)
         uncertainty = self.uncertainty_head(features)
@@ -541,6 +544,11 @@ class DUDESStudent(_ParamGroupsMixin, nn.Module):
             logits = F.interpolate(logits, x.shape[-2:], mode="bilinear", align_corners=False)
             uncertainty = F.interpolate(uncertainty, x.shape[-2:], mode="bilinear",
                                         align_corners=False)
+        return logits, uncertainty
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """``{"logits": [B, C, H, W], "uncertainty": [B, H, W] in [0, 1]}``."""
+        logits, uncertainty = self._heads(x)
         return {"logits": logits, "uncertainty": uncertainty[:, 0]}
 
 
@@ -719,7 +727,7 @@ def as_dict(out: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 # --------------------------------------------------------------------------- Holder & Shafique
-class ClassWiseUncertaintyStudent(_ParamGroupsMixin, nn.Module):
+class ClassWiseUncertaintyStudent(DUDESStudent):
     """A DUDES-like student whose uncertainty head predicts one std per *class* (C channels).
 
     This is the target of Holder & Shafique (2021) that DUDES simplifies: instead of the std of
@@ -747,31 +755,16 @@ class ClassWiseUncertaintyStudent(_ParamGroupsMixin, nn.Module):
         notebooks/03_dudes.ipynb (ablation).
     """
 
-    def __init__(self, segmenter: nn.Module):
-        super().__init__()
-        if isinstance(segmenter, smp.base.SegmentationModel):
-            segmenter = Segmenter(segmenter)
-        if not (hasattr(segmenter, "forward_features") and hasattr(segmenter, "segmentation_head")):
-            raise ValueError(f"ClassWiseUncertaintyStudent needs a segmenter with "
-                             f"forward_features() and segmentation_head; got "
-                             f"{type(segmenter).__name__}.")
-        self.segmenter = segmenter
-        head = copy.deepcopy(segmenter.segmentation_head)
+    def _make_uncertainty_head(self, segmentation_head: nn.Module) -> nn.Module:
+        head = copy.deepcopy(segmentation_head)
         for m in head.modules():  # same layout as the segmentation head, fresh weights
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-        self.uncertainty_head = nn.Sequential(head, nn.Sigmoid())
-        self.output_stride = segmenter.output_stride
+        return nn.Sequential(head, nn.Sigmoid())
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Logits, the class-wise uncertainty map and its value at the predicted class."""
-        features = self.segmenter.forward_features(x)
-        logits = self.segmenter.segmentation_head(features)
-        class_unc = self.uncertainty_head(features)
-        if logits.shape[-2:] != x.shape[-2:]:  # heads without their own upsampling (SegFormer)
-            logits = F.interpolate(logits, x.shape[-2:], mode="bilinear", align_corners=False)
-            class_unc = F.interpolate(class_unc, x.shape[-2:], mode="bilinear",
-                                      align_corners=False)
+        logits, class_unc = self._heads(x)
         pred = logits.detach().argmax(1, keepdim=True)
         return {"logits": logits, "class_uncertainty": class_unc,
                 "uncertainty": class_unc.gather(1, pred)[:, 0]}
