@@ -172,8 +172,8 @@ _TARGET = _Style(
     clothes=((0.12, 0.12, 0.12), (0.25, 0.28, 0.40), (0.50, 0.20, 0.18), (0.70, 0.70, 0.66),
              (0.40, 0.40, 0.40), (0.30, 0.35, 0.25), (0.55, 0.45, 0.30)),
     sky_zenith=(0.40, 0.55, 0.85), sky_horizon=(0.72, 0.80, 0.90),
-    texture=0.18, ambient=(0.60, 0.80), saturation=(0.70, 0.95), haze_visibility=(80.0, 200.0),
-    blur_px=(0.3, 0.8), noise_sd=(0.015, 0.035), tint_sd=0.05, hood_p=0.5,
+    texture=0.18, ambient=(0.60, 0.80), saturation=(0.85, 1.05), haze_visibility=(120.0, 300.0),
+    blur_px=(0.2, 0.5), noise_sd=(0.008, 0.02), tint_sd=0.05, hood_p=0.5,
 )
 _STYLES = {"source": _SOURCE, "target": _TARGET}
 
@@ -1207,12 +1207,15 @@ class ToyCity(Dataset):
     Thin objects (poles, signs, lights) are widened to at least about one pixel, so they do not
     break up at a distance.
 
-    Speed: rendering is vectorised numpy on one core, about 4-7 ms per 64x128 image and 10-18 ms
-    per 128x256 image (benchmarks/toycity_speed.py). That is only about 2x (64x128) and 4.5x
-    (128x256) faster than a training step of a small U-Net(4, 64) per sample, so for training
-    over several epochs pass cache=True: every item is rendered once, on first read, and later
-    reads copy it from memory (0.03-0.1 ms, 300-600x faster than the step; about 140 kB per
-    64x128 item).
+    Speed: rendering is vectorised numpy on one core, about 4-5 ms per 64x128 image and 10-11 ms
+    per 128x256 image (benchmarks/toycity_speed.py). A training step of M128, the U-Net KD paper's
+    smallest U-Net, costs about 6x (64x128) and 15x (128x256) that per sample; a step of the
+    122k-parameter UNet(4, 64) only about 2x and 4x. Rendered inside the training loop
+    (DataLoader num_workers=0), fresh items make an M128 iteration at 64x128 about 1.2x slower
+    (UNet(4, 64): 1.56x); with num_workers=1 the rendering overlaps the step (1.01-1.03x,
+    benchmarks/toycity_loader_overlap.py). For training over several epochs pass cache=True:
+    every item is rendered once, on first read, and later reads copy it from memory (0.03-0.1
+    ms, several hundred times faster than the step; about 140 kB per 64x128 item).
 
     Item i is a pure function of (i, split, domain, seed, ood, size): identical on every run and
     machine. The scene itself does not depend on the size, so the same scene can be rendered
