@@ -219,6 +219,8 @@ def test_sigkilled_training_resumes_to_identical_weights(tmp_path, monkeypatch):
                          torch.load(tmp_path / "ref.pt", weights_only=True))
 
 
+# Garbage bytes can look like a pickle of an unknown protocol; torch warns before failing.
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_unusable_checkpoints_raise_a_clear_error(tmp_path):
     path = tmp_path / CKPT_NAME
     _fit(_model(), ckpt_dir=tmp_path, iterations=3)
