@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from minikd.models import UNet, build_segmenter, unet_family
 
@@ -32,6 +33,15 @@ def small_model(name: str, num_classes: int) -> tuple[torch.nn.Module, str]:
         net, desc = unet_family(name, num_classes), f"unet_family({name!r})"
     n = sum(p.numel() for p in net.parameters())
     return net, f"minikd.models.{desc}, {n / 1e3:.0f}k parameters"
+
+
+def ce_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict) -> None:
+    """One training step as the ToyCity benchmarks time it: cross-entropy (void = 255) on
+    batch["image"] / batch["mask"], backward, optimiser update."""
+    loss = F.cross_entropy(model(batch["image"]), batch["mask"], ignore_index=255)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
 
 
 def add_timing_args(parser: argparse.ArgumentParser, warmup: int, repeats: int) -> None:

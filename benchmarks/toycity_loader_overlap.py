@@ -27,17 +27,9 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
-from _common import small_model
+from _common import ce_step, small_model
 
 from minikd.data import ToyCity
-
-
-def step(model, opt, batch: dict) -> None:
-    loss = F.cross_entropy(model(batch["image"]), batch["mask"], ignore_index=255)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
 
 
 def run(model, opt, batches, iters: int) -> float:
@@ -45,7 +37,7 @@ def run(model, opt, batches, iters: int) -> float:
     it = iter(batches)
     t0 = time.perf_counter()
     for _ in range(iters):
-        step(model, opt, next(it))
+        ce_step(model, opt, next(it))
     return (time.perf_counter() - t0) / iters
 
 

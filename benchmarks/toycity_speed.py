@@ -27,8 +27,7 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
-from _common import small_model
+from _common import ce_step, small_model
 
 from minikd.data import ToyCity
 
@@ -48,12 +47,8 @@ def read_items(ds: ToyCity, start: int, count: int) -> None:
 
 def train_steps(model, opt, batch: dict, steps: int) -> None:
     """Forward + backward + SGD update on one batch, `steps` times."""
-    x, y = batch["image"], batch["mask"]
     for _ in range(steps):
-        loss = F.cross_entropy(model(x), y, ignore_index=255)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        ce_step(model, opt, batch)
 
 
 def bench(size: tuple[int, int], model_names: list[str], rounds: int, per_round: int,

@@ -1825,7 +1825,16 @@ def _apply_transform(item: dict, transform: Callable[[dict], dict] | None) -> di
 # ---------------------------------------------------------------------------------------------
 
 
-class Cityscapes(torch.utils.data.Dataset):
+class _CityscapesLabels(torch.utils.data.Dataset):
+    """Label attributes of the data sets labelled in Cityscapes trainIds (Cityscapes, GTA5)."""
+
+    CLASSES = CITYSCAPES_CLASSES
+    PALETTE = CITYSCAPES_PALETTE
+    NUM_CLASSES = len(CITYSCAPES_CLASSES)
+    ID_TO_TRAINID = CITYSCAPES_ID_TO_TRAINID
+
+
+class Cityscapes(_CityscapesLabels):
     """Cityscapes fine annotations (19 trainIds) with optional depth from stereo disparity.
 
     Reads a folder prepared by ``data_scripts/prepare_cityscapes.py`` (or an official
@@ -1850,10 +1859,6 @@ class Cityscapes(torch.utils.data.Dataset):
         Taught in notebooks/00_toycity_and_data.ipynb.
     """
 
-    CLASSES = CITYSCAPES_CLASSES
-    PALETTE = CITYSCAPES_PALETTE
-    NUM_CLASSES = len(CITYSCAPES_CLASSES)
-    ID_TO_TRAINID = CITYSCAPES_ID_TO_TRAINID
     SCRIPT = "data_scripts/prepare_cityscapes.py"
 
     def __init__(self, root: str | Path, split: str = "train", with_depth: bool = False,
@@ -1983,7 +1988,7 @@ class NYUv2(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------------------------
 
 
-class GTA5(torch.utils.data.Dataset):
+class GTA5(_CityscapesLabels):
     """GTA5 ("Playing for Data") synthetic street scenes, labels mapped to Cityscapes trainIds.
 
     Reads a folder prepared by ``data_scripts/prepare_gta5.py``::
@@ -2003,10 +2008,6 @@ class GTA5(torch.utils.data.Dataset):
         Taught in notebooks/00_toycity_and_data.ipynb.
     """
 
-    CLASSES = CITYSCAPES_CLASSES
-    PALETTE = CITYSCAPES_PALETTE
-    NUM_CLASSES = len(CITYSCAPES_CLASSES)
-    ID_TO_TRAINID = CITYSCAPES_ID_TO_TRAINID
     SCRIPT = "data_scripts/prepare_gta5.py"
 
     def __init__(self, root: str | Path,
