@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.minikd-installed
 # Nothing may download during tests (no model hub, no data set host); notebooks run in quick mode.
 TEST_ENV := HF_HUB_OFFLINE=1 TQDM_DISABLE=1 MINIKD_MODE=quick MPLBACKEND=Agg PYTHONHASHSEED=0
 
-.PHONY: lab test unit notebooks lint venv clean
+.PHONY: lab test unit notebooks lint venv clean zoo
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ unit: $(STAMP)  ## unit tests only
 notebooks: $(STAMP)  ## notebooks only, through nbval in quick mode
 	$(TEST_ENV) $(BIN)/python -m pytest --nbval-lax --nbval-current-env \
 		--nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:python notebooks
+
+# Retrain every zoo entry by its recipe and rewrite minikd/zoo/manifest.json (CPU: ~25 min each).
+zoo: $(STAMP)  ## retrain the model zoo (one entry: python -m minikd.training zoo --train NAME)
+	$(BIN)/python -m minikd.training zoo --train-all
 
 lint: $(STAMP)
 	$(BIN)/ruff check minikd tests benchmarks data_scripts

@@ -64,6 +64,7 @@ __all__ = [
     "RandomHorizontalFlip",
     "RandomScale",
     "ToyCity",
+    "Unlabelled",
     "colorize",
     "disparity_to_depth",
     "eval_transforms",
@@ -1349,8 +1350,12 @@ def colorize(mask: torch.Tensor | np.ndarray,
 # ---------------------------------------------------------------------------------------------
 # How each known key is resized and padded; any other tensor whose last two dims match the
 # image is a per-pixel map: floating -> bilinear, pad 0; integer/bool -> nearest, pad 0.
+# "valid" (bool [H, W], True = the pixel came from the image) is the validity map that
+# RandomCrop adds: it is padded with False, so padding is marked for every per-pixel key at
+# once (cached teacher maps are padded with 0, which for logits would be a uniform target).
 _KEY_RULES = {"image": ("bilinear", 0.0), "mask": ("nearest", IGNORE_INDEX),
-              "depth": ("nearest", 0.0), "ood_mask": ("nearest", False)}
+              "depth": ("nearest", 0.0), "ood_mask": ("nearest", False),
+              "valid": ("nearest", False)}
 
 
 def _per_pixel_rules(sample: dict) -> dict[str, tuple[str, float]]:
@@ -1372,6 +1377,10 @@ def _per_pixel_rules(sample: dict) -> dict[str, tuple[str, float]]:
             if value.ndim < 2 or value.shape[-2:] != hw:
                 raise ValueError(f"sample[{key!r}] has shape {tuple(value.shape)} but the image "
                                  f"is {tuple(hw)}; per-pixel maps must match the image's H, W.")
+            if key == "valid" and value.dtype != torch.bool:
+                raise ValueError(f"sample['valid'] has dtype {value.dtype}; expected the bool "
+                                 "validity map (True = pixel from the image) that RandomCrop "
+                                 "adds. Drop the key or pass a bool tensor.")
             rules[key] = _KEY_RULES[key]
         elif value.ndim >= 2 and value.shape[-2:] == hw:
             rules[key] = ("bilinear", 0.0) if value.is_floating_point() else ("nearest", 0)
@@ -1429,7 +1438,8 @@ class Compose(JointTransform):
 class RandomScale(JointTransform):
     """Resize every per-pixel key by one random factor in [min_scale, max_scale].
 
-    Image and float maps bilinear, masks and other integer maps nearest (no new labels).
+    Image and float maps bilinear, masks and other integer and bool maps (the validity map
+    "valid" among them) nearest (no new labels).
     Depth values are NOT rescaled: resizing the image is a zoom (a longer focal length), not a
     move of the camera, so every pixel still sees a point at the same distance along the optical
     axis. (The other convention, depth / s, pretends the camera moved closer; it keeps the
@@ -1465,11 +1475,23 @@ class RandomCrop(JointTransform):
     """Cut a random (h, w) window from every per-pixel key, padding first if the image is smaller.
 
     Padding (bottom and right): image 0, mask 255 (ignored by the loss), depth 0 (invalid),
-    ood_mask False, other maps 0.
+    ood_mask False, other maps 0 — including cached teacher targets ("teacher_logits",
+    "teacher_probs", "teacher_unc", ...), where 0 is no target at all (zero logits are a
+    *uniform* distribution). So the crop also returns the validity map "valid", a bool [h, w]
+    tensor that is True where the pixel came from the image and False on padding; it is made
+    all True first when the sample has none, and later RandomScale (nearest) and
+    RandomHorizontalFlip move it with the other keys. Every distillation loss in
+    ``minikd.losses`` leaves the pixels with ``batch["valid"] == False`` out of its teacher
+    terms. The crop draws the same random offsets and returns the same values for every other
+    key as it did before "valid" existed.
 
     Args:
         size: (h, w) of the crop, or one int for a square crop.
         generator: default torch.Generator for the offsets.
+
+    References:
+        DUDES (Landgraf et al., 2023) and EMUFormer (Landgraf et al., 2024): random crops.
+        Taught in notebooks/00_toycity_and_data.ipynb.
     """
 
     def __init__(self, size: int | tuple[int, int], generator: torch.Generator | None = None):
@@ -1481,6 +1503,10 @@ class RandomCrop(JointTransform):
         self.size = size
 
     def __call__(self, sample: dict, generator: torch.Generator | None = None) -> dict:
+        _per_pixel_rules(sample)  # checks the sample before "valid" is added
+        if "valid" not in sample:
+            valid = torch.ones(sample["image"].shape[-2:], dtype=torch.bool)
+            sample = {**sample, "valid": valid}
         rules = _per_pixel_rules(sample)
         (h, w), (H, W) = self.size, sample["image"].shape[-2:]
         ph, pw = max(H, h), max(W, w)
@@ -1500,6 +1526,8 @@ class RandomCrop(JointTransform):
 
 class RandomHorizontalFlip(JointTransform):
     """Mirror every per-pixel key left-right with probability p (depth values unchanged).
+
+    The validity map "valid" (see ``RandomCrop``) is mirrored with the rest.
 
     Args:
         p: flip probability in [0, 1] (papers: 0.5).
@@ -1604,6 +1632,65 @@ def train_transforms(crop_size: int | tuple[int, int], scale: tuple[float, float
 def eval_transforms(normalize: bool = True) -> Compose:
     """Evaluation: no geometric change, only normalisation (or nothing with normalize=False)."""
     return Compose([Normalize()] if normalize else [])
+
+
+class Unlabelled(Dataset):
+    """The items of a data set with every label removed: distillation on unlabelled images.
+
+    Item i is ``dataset[i]`` with "mask" set to IGNORE_INDEX (255) at every pixel (an int64
+    [H, W] mask is added to items that have none) and, if present, "depth" set to 0 (invalid)
+    at every pixel; every other key (image, index, cached teacher targets, the validity map
+    "valid", "ood_mask", ...) is passed on unchanged. The cross-entropy
+    ignores label 255 and the depth losses ignore depth 0, so the teacher's targets are the only
+    training signal: ``losses.DistillationLoss`` keeps void-labelled pixels in its KD term by
+    default (``mask_void=False``) and leaves out only crop padding (``"valid"`` False). The
+    wrapper may sit inside or outside ``ensembles.CachedTargets``, and before or after the
+    data set's own transform (a mask of 255 stays 255 under crops, scales and flips).
+
+    Args:
+        dataset: any map-style data set (with ``__len__`` and ``__getitem__``) whose items are
+            dicts in the minikd format, e.g. ``ToyCity(200, transform=train_transforms(size))``.
+
+    Raises:
+        ValueError: if ``dataset`` has no ``__len__``/``__getitem__``.
+        TypeError: (when an item is read) if the item is not a dict.
+
+    Example:
+        >>> student_data = Unlabelled(ToyCity(200, domain="target"))
+        >>> bool((student_data[0]["mask"] == IGNORE_INDEX).all())
+        True
+
+    References:
+        Hinton et al., "Distilling the Knowledge in a Neural Network", 2015 (soft targets
+        need no labels). Taught in notebooks/01_vanilla_kd_temperature.ipynb.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+            raise ValueError(f"Unlabelled(dataset) got {type(dataset).__name__}, which has no "
+                             "__len__/__getitem__; pass a map-style data set such as "
+                             "ToyCity(200) (not an iterable data set or a DataLoader).")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __repr__(self) -> str:
+        return f"Unlabelled({self.dataset!r})"
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        if not isinstance(item, dict):
+            raise TypeError(f"Unlabelled: item {index} is a {type(item).__name__}; expected a "
+                             "sample dict with 'image' and 'mask' (minikd data format).")
+        item = dict(item)
+        if "mask" in item:
+            item["mask"] = torch.full_like(item["mask"], IGNORE_INDEX)
+        elif torch.is_tensor(item.get("image")):  # image-only items get an all-void mask
+            item["mask"] = torch.full(item["image"].shape[-2:], IGNORE_INDEX, dtype=torch.long)
+        if "depth" in item:
+            item["depth"] = torch.zeros_like(item["depth"])
+        return item
 
 
 # =============================================================================================

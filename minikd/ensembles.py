@@ -650,6 +650,10 @@ class TeacherCache:
     teacher (tests/test_ensembles.py measures it); under rescaling the target is the bilinear
     resize of the teacher's map rather than the teacher's map of the resized image; and the
     teacher sees no colour jitter. ``uncertainty`` = DUDES std when the teacher is an ensemble.
+    Where a crop reaches past the image, ``data.RandomCrop`` pads every cached target with 0
+    (which is no target: zero logits are a uniform distribution) and marks those pixels False in
+    the validity map ``"valid"`` that it adds to the sample; every distillation loss object in
+    ``minikd.losses`` ignores them.
 
     Args:
         teacher: a ``DeepEnsemble``/``MCDropout``/``DeepSubEnsemble`` (anything with
@@ -781,7 +785,12 @@ class CachedTargets(Dataset):
     ``dataset[i]`` (un-augmented) gets ``cache[i]`` (e.g. ``"teacher_probs"`` ``[C,H,W]``,
     ``"teacher_unc"`` ``[H,W]``) added, THEN ``transform`` runs, so crops, rescaling and flips
     apply identically to image, labels and targets (data.py treats any floating ``[..., H, W]``
-    key as a bilinear per-pixel map; colour jitter and Normalize touch only the image).
+    key as a bilinear per-pixel map; colour jitter and Normalize touch only the image). Crop
+    padding is 0 in every target ("teacher_logits" 0 would be a uniform target), so
+    ``data.RandomCrop`` also adds ``"valid"``, a bool ``[H, W]`` map that is False on the padded
+    pixels, and every distillation loss (``losses.DistillationLoss``, ``DUDESLoss``,
+    ``EMUFormerLoss``, ``ClassWiseUncertaintyLoss``) ignores those pixels. With
+    ``data.train_transforms`` every sample carries "valid" (each pipeline contains the crop).
 
     Args:
         dataset: the same un-augmented dataset the cache was built on (``transform=None``).

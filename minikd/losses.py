@@ -1,7 +1,7 @@
 """Distillation losses for segmentation and depth, each written as its paper writes it.
 
 Pixel-wise Hinton KD and its reduction conventions (notebook 01), channel-wise distillation,
-the SKD pair-wise and IFVD feature losses (fair baselines, notebook 05), the DUDES uncertainty
+the SKD pair-wise and IFVD feature losses (fair baselines, notebook 06), the DUDES uncertainty
 loss (RMSLE) and the EMUFormer multi-task loss (CE + GNLL + KL + RMSLE).
 
 Shapes follow the repo convention: logits/probabilities [B, C, H, W]; labels, uncertainty,
@@ -12,6 +12,14 @@ rejects mismatched shapes with a ValueError naming both shapes.
 Where a loss takes an ``ignore_mask`` (bool [B, H, W], True = ignore) the mean runs over the
 valid pixels only; if *every* pixel is ignored the loss is 0 (still attached to the graph, so a
 crop made only of void pixels trains nothing instead of producing NaN).
+
+Crop padding: ``data.RandomCrop`` pads every floating map with 0, cached teacher targets too
+(zero logits would be a *uniform* target), and marks the padding in the batch's validity map
+``batch["valid"]`` (bool [B, H, W], False = padding). Every distillation loss object below
+(``DistillationLoss``, ``DUDESLoss``, ``EMUFormerLoss``, ``ClassWiseUncertaintyLoss``) leaves
+those pixels out of each of its teacher-target terms; a batch without "valid" (no crop) is
+treated as before. The labels are padded with 255 and ground-truth depth with 0, so the
+cross-entropy and the depth NLL skip the padding on their own.
 """
 
 from __future__ import annotations
@@ -349,7 +357,7 @@ def cwd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float 
     References:
         Shu et al., "Channel-wise Knowledge Distillation for Dense Prediction", ICCV 2021;
         TorchDistiller SemSeg-distill/utils/criterion.py. Taught in
-        notebook 05 (fair baselines).
+        notebook 06 (fair baselines).
     """
     _check_logit_pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
     _check_temperature(temperature)
@@ -553,12 +561,26 @@ def emuformer_loss(
         Landgraf et al., EMUFormer, 2024, Eq. 6, 8, 9, 11. Taught in
         notebook 04 (EMUFormer).
     """
+    return _emuformer_terms(logits, depth, depth_var, labels, depth_target, teacher_probs,
+                            teacher_depth_var, weights=weights, ignore_index=ignore_index,
+                            depth_valid=depth_valid, kl_ignore_mask=kl_ignore_mask,
+                            rmsle_mask=None)
+
+
+def _emuformer_terms(
+    logits: Tensor, depth: Tensor, depth_var: Tensor, labels: Tensor, depth_target: Tensor,
+    teacher_probs: Tensor, teacher_depth_var: Tensor, *, weights: tuple[float, float, float],
+    ignore_index: int, depth_valid: Tensor | None, kl_ignore_mask: Tensor | None,
+    rmsle_mask: Tensor | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``emuformer_loss`` with a mask for the RMSLE too (``rmsle_mask``: True = valid), which
+    ``EMUFormerLoss`` uses to leave crop padding out of the variance term."""
     w1, w2, w3 = weights
     terms = {
         "ce": cross_entropy(logits, labels, ignore_index),
         "gnll": depth_gnll_loss(depth, depth_var, depth_target, depth_valid),
         "kl": ensemble_kl_loss(logits, teacher_probs, kl_ignore_mask),
-        "rmsle": rmsle_loss(depth_var, teacher_depth_var),
+        "rmsle": rmsle_loss(depth_var, teacher_depth_var, rmsle_mask),
     }
     total = terms["ce"] + w1 * terms["gnll"] + w2 * terms["kl"] + w3 * terms["rmsle"]
     return total, {k: v.detach() for k, v in terms.items()}
@@ -610,7 +632,7 @@ def skd_pairwise_loss(
     References:
         Liu et al., "Structured Knowledge Distillation for Semantic Segmentation", CVPR 2019,
         pair-wise loss (irfanICMLL/structure_knowledge_distillation utils/criterion.py);
-        winycg/CIRKD losses/skd.py. Taught in notebook 05 (fair baselines).
+        winycg/CIRKD losses/skd.py. Taught in notebook 06 (fair baselines).
     """
     _check_feature_pair(fs, ft)
     if variant == "original":
@@ -673,7 +695,7 @@ def ifvd_loss(
     References:
         Wang et al., "Intra-class Feature Variation Distillation for Semantic Segmentation",
         ECCV 2020 (YukangWang/IFVD utils/criterion.py CriterionIFV). Taught in
-        notebook 05 (fair baselines).
+        notebook 06 (fair baselines).
     """
     _check_feature_pair(fs, ft)
     _check_ndim(labels, 3, "labels", "[B, H, W]")
@@ -701,6 +723,32 @@ def _logits_of(outputs: Tensor | Mapping[str, Tensor]) -> Tensor:
     return outputs if isinstance(outputs, Tensor) else outputs["logits"]
 
 
+def _invalid_pixels(batch: Mapping[str, Tensor], like: Tensor) -> Tensor | None:
+    """``~batch["valid"]`` (True = crop padding: no teacher target there), or None without it.
+
+    ``data.RandomCrop`` adds the validity map "valid" (bool [H, W] per sample, True = the pixel
+    came from the image, False = padding); this is the one place where the loss objects read it.
+
+    Args:
+        batch: the collated batch.
+        like: a [B, H, W] or [B, C, H, W] tensor (the teacher target) whose B, H, W the map has.
+
+    Returns:
+        bool [B, H, W], True = ignore, on ``like``'s device; None if the batch has no "valid".
+    """
+    if "valid" not in batch:
+        return None
+    valid, expected = batch["valid"], (like.shape[0], *like.shape[-2:])
+    if not isinstance(valid, Tensor) or valid.dtype != torch.bool or _shape(valid) != expected:
+        got = (f"shape {_shape(valid)} and dtype {valid.dtype}" if isinstance(valid, Tensor)
+               else f"type {type(valid).__name__}")
+        raise ValueError(
+            f"batch['valid'] has {got}; expected the bool validity map of shape {expected} "
+            "(True = pixel from the image, False = crop padding) that data.RandomCrop adds."
+        )
+    return ~valid.to(like.device)
+
+
 def _require(batch: Mapping[str, Tensor], key: str, who: str) -> Tensor:
     if key not in batch:
         raise ValueError(f"{who} needs batch[{key!r}], but the batch has keys {sorted(batch)}. "
@@ -713,9 +761,13 @@ class DistillationLoss:
 
     The teacher target comes from the batch: ``batch["teacher_logits"]`` if present, else
     ``batch["teacher_probs"]`` (probabilities are turned into logits with log, which is exact:
-    softmax(log q / τ) = q^(1/τ) / Σ q^(1/τ)). Pixels whose cached teacher probabilities sum to
-    < 0.5 carry no target (padding added by RandomCrop: floating maps are padded with 0) and
-    are left out of the KD, as are void-labelled pixels when ``mask_void``.
+    softmax(log q / τ) = q^(1/τ) / Σ q^(1/τ)). Crop padding carries no target (RandomCrop pads
+    floating maps with 0: uniform zero logits, all-zero probabilities) and is left out of the
+    KD on both paths: the pixels where ``batch["valid"]`` is False (the validity map that
+    RandomCrop adds). Without "valid" in the batch, the teacher_logits path keeps every pixel and
+    the teacher_probs path leaves out the pixels whose probabilities sum to < 0.5 (as before).
+    Void-labelled pixels are left out of the KD too when ``mask_void``; the CE skips them (and the
+    padding, labelled 255) always.
 
     Args:
         temperature: τ of ``kd_loss``.
@@ -745,9 +797,13 @@ class DistillationLoss:
 
     def _teacher(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         if "teacher_logits" in batch:
-            return batch["teacher_logits"], None
+            teacher = batch["teacher_logits"]
+            return teacher, _invalid_pixels(batch, teacher)
         probs = _require(batch, "teacher_probs", "DistillationLoss").float()
-        return probs.clamp_min(1e-8).log(), probs.sum(dim=1) < 0.5
+        invalid = _invalid_pixels(batch, probs)
+        if invalid is None:  # no validity map: padded probabilities are all 0
+            invalid = probs.sum(dim=1) < 0.5
+        return probs.clamp_min(1e-8).log(), invalid
 
     def __call__(self, outputs, batch) -> tuple[Tensor, dict[str, Tensor]]:
         logits, labels = _logits_of(outputs), batch["mask"]
@@ -768,7 +824,9 @@ class DUDESLoss:
     """``loss_fn(outputs, batch)`` for the DUDES student (``dudes_loss``).
 
     Reads ``outputs["logits"]``, ``outputs["uncertainty"]``, ``batch["mask"]`` and
-    ``batch[teacher_key]`` (default "teacher_unc", from the teacher cache).
+    ``batch[teacher_key]`` (default "teacher_unc", from the teacher cache). The RMSLE runs over
+    every pixel, as the paper's code, except crop padding: pixels where ``batch["valid"]`` is
+    False (RandomCrop's validity map; the padded target is 0, not the teacher's) are left out.
 
     References:
         DUDES Eq. 3. Taught in notebooks/03_dudes.ipynb.
@@ -779,16 +837,21 @@ class DUDESLoss:
 
     def __call__(self, outputs, batch) -> tuple[Tensor, dict[str, Tensor]]:
         target = _require(batch, self.teacher_key, "DUDESLoss")
+        invalid = _invalid_pixels(batch, target)
         return dudes_loss(outputs["logits"], outputs["uncertainty"], batch["mask"],
-                          target.float(), self.ignore_index)
+                          target.float(), self.ignore_index,
+                          unc_mask=None if invalid is None else ~invalid)
 
 
 class EMUFormerLoss:
     """``loss_fn(outputs, batch)`` for the EMUFormer student (``emuformer_loss``).
 
     Reads ``outputs["logits"|"depth"|"depth_var"]`` and ``batch["mask"]``, ``batch["depth"]``,
-    ``batch["teacher_probs"]``, ``batch[var_key]`` (default "teacher_depth_var"). Pixels whose
-    cached teacher probabilities sum to < 0.5 (crop padding) are left out of the KL.
+    ``batch["teacher_probs"]``, ``batch[var_key]`` (default "teacher_depth_var"). Crop padding
+    is left out of both teacher terms, the KL and the variance RMSLE: the pixels where
+    ``batch["valid"]`` is False (RandomCrop's validity map). Without "valid", the KL leaves out
+    the pixels whose cached teacher probabilities sum to < 0.5 and the RMSLE keeps every pixel
+    (as before). The GNLL skips padding by itself (ground-truth depth is padded with 0).
 
     References:
         EMUFormer Eq. 11. Taught in notebook 04 (EMUFormer).
@@ -801,10 +864,13 @@ class EMUFormerLoss:
     def __call__(self, outputs, batch) -> tuple[Tensor, dict[str, Tensor]]:
         probs = _require(batch, "teacher_probs", "EMUFormerLoss").float()
         var_t = _require(batch, self.var_key, "EMUFormerLoss").float()
-        return emuformer_loss(
+        invalid = _invalid_pixels(batch, probs)
+        return _emuformer_terms(
             outputs["logits"], outputs["depth"], outputs["depth_var"], batch["mask"],
-            batch["depth"], probs, var_t, weights=self.weights,
-            ignore_index=self.ignore_index, kl_ignore_mask=probs.sum(dim=1) < 0.5,
+            batch["depth"], probs, var_t, weights=self.weights, ignore_index=self.ignore_index,
+            depth_valid=None,
+            kl_ignore_mask=probs.sum(dim=1) < 0.5 if invalid is None else invalid,
+            rmsle_mask=None if invalid is None else ~invalid,
         )
 
 
@@ -814,7 +880,9 @@ class ClassWiseUncertaintyLoss:
 
     L = CE(logits, labels) + RMSLE(class_uncertainty, teacher class-wise std), the RMSLE averaged
     over all B·C·H·W entries. Same form and no more hyperparameters than ``DUDESLoss``, so the
-    two differ only in *what* is distilled (DUDES §5).
+    two differ only in *what* is distilled (DUDES §5). As there, crop padding (pixels where
+    ``batch["valid"]`` is False, RandomCrop's validity map) is left out of the RMSLE, in every
+    channel.
 
     Args:
         ignore_index: label ignored by the CE.
@@ -842,6 +910,8 @@ class ClassWiseUncertaintyLoss:
                 f"class-wise std map of the logits' shape {_shape(logits)}. A [B, H, W] target is "
                 "the DUDES one: use DUDESLoss for it."
             )
+        invalid = _invalid_pixels(batch, target)
+        keep = None if invalid is None else (~invalid)[:, None].expand(target.shape)
         ce = cross_entropy(logits, batch["mask"], self.ignore_index)
-        rmsle = rmsle_loss(outputs["class_uncertainty"], target)
+        rmsle = rmsle_loss(outputs["class_uncertainty"], target, keep)
         return ce + rmsle, {"ce": ce.detach(), "rmsle": rmsle.detach()}

@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
+import json
 import os
 import socket
 import threading
@@ -59,6 +61,9 @@ __all__ = [
     "SUPPORTED_ARCHS",
     "SUPPORTED_ENCODERS",
     "UNET_PRESETS",
+    "ZOO_BUILDERS",
+    "ZOO_DIR",
+    "ZOO_MANIFEST",
     "AllMLPDecoder",
     "ClassWiseUncertaintyStudent",
     "DUDESStudent",
@@ -67,6 +72,7 @@ __all__ = [
     "SegFormer",
     "Segmenter",
     "UNet",
+    "ZooError",
     "as_dict",
     "build_segmenter",
     "check_input",
@@ -74,7 +80,10 @@ __all__ = [
     "light_unet",
     "load_encoder_weights",
     "param_groups",
+    "pretrained",
     "unet_family",
+    "zoo_entry",
+    "zoo_manifest",
 ]
 
 SUPPORTED_ARCHS: tuple[str, ...] = ("Unet", "DeepLabV3Plus", "PSPNet", "Segformer")
@@ -814,3 +823,116 @@ def light_unet(encoder: str, num_classes: int, encoder_depth: int = 3,
         raise ValueError(f"light_unet cannot build encoder {encoder!r}: {err} Use an smp encoder "
                          "name or a timm one with the 'tu-' prefix, e.g. 'tu-resnet10t'.") from err
     return Segmenter(model, name=f"Unet-{encoder}-d{encoder_depth}")
+
+
+# --------------------------------------------------------------------------- the model zoo
+#: The zoo: trained ToyCity models shipped inside the package (float16 state dicts, one manifest).
+ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+ZOO_MANIFEST = ZOO_DIR / "manifest.json"
+_ZOO_FORMAT = "minikd-zoo-1"
+#: The model constructors a manifest entry may name as its ``builder``.
+ZOO_BUILDERS = ("unet_family", "UNet", "light_unet", "build_segmenter", "DUDESStudent",
+                "SegFormer", "DepthFormer", "SegDepthFormer")
+
+
+class ZooError(RuntimeError):
+    """A zoo file that is missing, corrupted or does not match the manifest."""
+
+
+def zoo_manifest(path: str | os.PathLike | None = None) -> dict:
+    """The zoo manifest: ``{"format", "validation", "entries": {name: entry}}``.
+
+    Each entry records the builder and its arguments, the training recipe, the command that
+    trained it, its time and machine, its validation figures and curve, and the sha256 of its
+    weights file (see ``minikd/zoo/README.md``).
+    """
+    path = Path(path or ZOO_MANIFEST)
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != _ZOO_FORMAT:
+        raise ZooError(f"{path} is not a minikd zoo manifest (format {manifest.get('format')!r}, "
+                       f"expected {_ZOO_FORMAT!r}).")
+    return manifest
+
+
+def zoo_entry(name: str, manifest: dict | None = None) -> dict:
+    """The manifest entry of ``name``; ValueError listing the available names if unknown."""
+    entries = (manifest or zoo_manifest())["entries"]
+    if name not in entries:
+        close = difflib.get_close_matches(name, list(entries), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"no zoo model named {name!r}; available: {sorted(entries)}.{hint}")
+    return entries[name]
+
+
+def build_from_entry(entry: dict) -> nn.Module:
+    """A fresh (untrained) model from an entry's ``builder`` (a function of this module) and
+    ``args``."""
+    if entry["builder"] not in ZOO_BUILDERS:
+        raise ZooError(f"zoo builder {entry['builder']!r} is not one of {list(ZOO_BUILDERS)}.")
+    return globals()[entry["builder"]](**entry["args"])
+
+
+def retrain_command(name: str) -> str:
+    """The command that retrains zoo entry ``name`` and rewrites its manifest entry."""
+    return f"python -m minikd.training zoo --train {name}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_zoo_weights(model: nn.Module, path: str | os.PathLike, sha256: str | None,
+                     name: str) -> nn.Module:
+    """Load a float16 zoo state dict into ``model`` (float32), after checking its sha256.
+
+    Raises:
+        ZooError: the file is missing, its checksum differs, or it is not a readable state dict
+            that fits the model; the message names the file and the command that retrains it.
+    """
+    path = Path(path)
+    again = f"Retrain it with `{retrain_command(name)}` (or reinstall minikd)."
+    if not path.is_file():
+        raise ZooError(f"zoo weights {path} for {name!r} are missing. {again}")
+    if sha256 is not None and _sha256(path) != sha256:
+        raise ZooError(f"zoo weights {path} for {name!r} do not match the manifest's sha256 "
+                       f"(expected {sha256[:12]}..., got {_sha256(path)[:12]}...): the file is "
+                       f"corrupted, truncated or stale. {again}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                               for k, v in state.items()})
+    except Exception as e:  # noqa: BLE001 - unpickling garbage raises almost anything
+        raise ZooError(f"zoo weights {path} for {name!r} are not a readable state dict of this "
+                       f"model ({type(e).__name__} while loading). {again}") from None
+    return model
+
+
+def pretrained(name: str) -> nn.Module:
+    """A trained ToyCity model from the zoo shipped with minikd, in eval mode, on the CPU.
+
+    The weights are checked against the manifest's sha256 and loaded with
+    ``torch.load(weights_only=True)`` (stored as float16, loaded into float32). The entry (its
+    recipe, validation figures and curve) is ``zoo_entry(name)``; ``training.load_or_train``
+    is the same with the option to retrain. ``python -m minikd.training zoo --list`` lists them.
+
+    Args:
+        name: e.g. ``"toycity/M256"``.
+
+    Raises:
+        ValueError: unknown name (the message lists the available ones).
+        ZooError: the file is missing or corrupted (the message says how to retrain it).
+
+    References:
+        Taught in notebooks/01_vanilla_kd_temperature.ipynb (the teacher comes from here).
+    """
+    entry = zoo_entry(name)
+    if "sha256" not in entry:
+        raise ZooError(f"zoo entry {name!r} has not been trained yet (no sha256 in "
+                       f"{ZOO_MANIFEST}); train it with `{retrain_command(name)}`.")
+    model = build_from_entry(entry)
+    load_zoo_weights(model, ZOO_DIR / entry["file"], entry["sha256"], name)
+    return model.eval()

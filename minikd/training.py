@@ -56,6 +56,7 @@ import math
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -81,10 +82,13 @@ __all__ = [
     "init_distributed",
     "is_main_process",
     "load_checkpoint",
+    "load_or_train",
     "poly_scheduler",
     "save_results",
     "set_seed",
     "train_ensemble",
+    "train_zoo_entry",
+    "zoo_user_dir",
 ]
 
 CKPT_NAME = "last.pt"
@@ -1067,7 +1071,7 @@ def grid_search(train_eval_fn: Callable[..., Mapping[str, float]],
         ``"<metric>_mean"`` and ``"<metric>_std"`` (sample std, ddof=1; 0.0 for one seed).
 
     References:
-        Taught in the fair-baselines notebook (05).
+        Taught in notebook 06 (fair baselines).
     """
     if not grid or any(isinstance(v, (str, bytes)) or len(v) == 0 for v in grid.values()):
         raise ValueError(f"grid={dict(grid)!r}; expected {{name: [value, ...]}} with non-empty "
@@ -1171,13 +1175,223 @@ def save_results(name: str, results: Mapping[str, Any],
     return path
 
 
+# =========================================================================== the model zoo
+def zoo_user_dir() -> Path:
+    """Where ``load_or_train`` trains zoo models: ``$MINIKD_ZOO``, else ``~/.cache/minikd/zoo``."""
+    return Path(os.environ.get("MINIKD_ZOO") or Path.home() / ".cache" / "minikd" / "zoo")
+
+
+def _recipe_toycity(spec: Mapping[str, Any], size: Sequence[int], transform: Any = None) -> Any:
+    from minikd.data import ToyCity
+
+    return ToyCity(spec["n"], size=tuple(size), split=spec["split"], domain=spec["domain"],
+                   seed=spec["seed"], cache=True, transform=transform)
+
+
+def _recipe_loss(name: str) -> Callable[..., Any]:
+    from minikd.losses import cross_entropy
+
+    if name != "cross_entropy":
+        raise ValueError(f"zoo recipe loss {name!r} is not known; expected 'cross_entropy'.")
+    return lambda logits, batch: cross_entropy(logits, batch["mask"])
+
+
+def zoo_validation_set(manifest: Mapping[str, Any], size: Sequence[int], n: int | None = None
+                       ) -> Any:
+    """The zoo's fixed ToyCity validation set (its first ``n`` images; default all)."""
+    spec = dict(manifest["validation"])
+    spec["n"] = n or spec["n"]
+    return _recipe_toycity(spec, size)
+
+
+def _zoo_figures(model: nn.Module, manifest: Mapping[str, Any], size: Sequence[int]
+                 ) -> dict[str, Any]:
+    """Headline figures of a zoo model: mIoU, per-class IoU and pixel accuracy on the fixed
+    validation set, and the mIoU on its first ``check_n`` images (what the tests recompute)."""
+    from minikd.data import ToyCity
+
+    val = manifest["validation"]
+    full = evaluate(model, DataLoader(zoo_validation_set(manifest, size), batch_size=16),
+                    ToyCity.NUM_CLASSES, device="cpu", with_uncertainty=False)
+    check = evaluate(model, DataLoader(zoo_validation_set(manifest, size, val["check_n"]),
+                                       batch_size=16), ToyCity.NUM_CLASSES, device="cpu",
+                     with_uncertainty=False)
+    return {"miou": round(full["miou"], 4), "pixel_acc": round(full["pixel_acc"], 4),
+            "iou": {c: round(v, 4) for c, v in zip(ToyCity.CLASSES, full["iou"])},
+            "check_miou": round(check["miou"], 6)}
+
+
+def _half_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()
+            for k, v in model.state_dict().items()}
+
+
+def train_zoo_entry(name: str, work_dir: str | os.PathLike | None = None, *,
+                    manifest_path: str | os.PathLike | None = None, progress: bool = True
+                    ) -> tuple[nn.Module, dict[str, Any]]:
+    """Train zoo entry ``name`` by its recorded recipe (resumable) and measure it.
+
+    The run checkpoints into ``work_dir/<name>/`` (default ``zoo_user_dir()``), so a killed run
+    continues where it stopped. The trained weights are rounded to float16 (what the zoo ships)
+    before they are measured, so the figures are those of the shipped file.
+
+    Args:
+        name: a manifest entry, e.g. ``"toycity/M256"``.
+        work_dir: folder for checkpoints and the float16 weights.
+        manifest_path: another manifest (tests); default the package's.
+        progress: tqdm bar.
+
+    Returns:
+        (model in eval mode with the float16-rounded weights, the entry's measured fields:
+        ``weights`` (path of the float16 file), ``val``, ``curve``, ``trained``).
+
+    References:
+        Taught in notebooks/01_vanilla_kd_temperature.ipynb ("the teacher comes from the zoo").
+    """
+    from minikd import __version__
+    from minikd.data import train_transforms
+    from minikd.models import build_from_entry, zoo_entry, zoo_manifest
+
+    manifest = zoo_manifest(manifest_path)
+    entry = zoo_entry(name, manifest)
+    r = entry["recipe"]
+    out = Path(work_dir or zoo_user_dir()) / name
+    train_set = _recipe_toycity(r["data"], r["size"], train_transforms(r["size"], **r["augment"]))
+    loader = DataLoader(train_set, batch_size=r["batch_size"], shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(r["seed"]))
+    curve_set = zoo_validation_set(manifest, r["size"], r["curve_n"])
+    set_seed(r["seed"])  # the initial weights depend on the recipe's seed only
+    model = build_from_entry(entry)
+    t0 = time.perf_counter()
+    history = fit(model, loader, _recipe_loss(r["loss"]), iterations=r["iterations"],
+                  optimizer=r["optimizer"], lr=r["lr"], weight_decay=r["weight_decay"],
+                  decoder_lr_mult=r["decoder_lr_mult"], poly_power=r["poly_power"],
+                  device="cpu", ckpt_dir=out / "checkpoint", seed=r["seed"],
+                  val_loader=DataLoader(curve_set, batch_size=16), val_every=r["val_every"],
+                  val_fn=lambda m, dl: {"miou": evaluate(m, dl, None, device="cpu",
+                                                         with_uncertainty=False)["miou"]},
+                  progress=progress, desc=name)
+    half = _half_state(model)
+    weights = out / Path(entry["file"]).name
+    _atomic_write(weights, lambda f: torch.save(half, f))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.items()})
+    model.eval()
+    fields = {"weights": str(weights), "val": _zoo_figures(model, manifest, r["size"]),
+              "curve": [{"step": v["step"], "miou": round(v["miou"], 4)} for v in history["val"]],
+              "trained": {"time_s": round(history["time_s"] or time.perf_counter() - t0),
+                          "machine": _machine(), "threads": torch.get_num_threads(),
+                          "minikd": __version__, "torch": torch.__version__,
+                          "date": time.strftime("%Y-%m-%d")}}
+    return model, fields
+
+
+def _machine() -> str:
+    import platform
+
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.system()})"
+
+
+def publish_zoo_entry(name: str, fields: Mapping[str, Any],
+                      manifest_path: str | os.PathLike | None = None) -> None:
+    """Copy a trained entry's float16 weights into the zoo folder and rewrite its manifest entry
+    (figures, curve, time, sha256) atomically. Used by ``python -m minikd.training zoo``."""
+    import shutil
+
+    from minikd.models import ZOO_MANIFEST, _sha256, zoo_manifest
+
+    manifest_path = Path(manifest_path or ZOO_MANIFEST)
+    manifest = zoo_manifest(manifest_path)
+    entry = manifest["entries"][name]
+    target = manifest_path.parent / entry["file"]
+    with open(fields["weights"], "rb") as src:
+        _atomic_write(target, lambda f: shutil.copyfileobj(src, f))
+    entry.update({k: v for k, v in fields.items() if k != "weights"})
+    entry["sha256"] = _sha256(target)
+    entry["command"] = f"python -m minikd.training zoo --train {name}"
+    text = json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"
+    _atomic_write(manifest_path, lambda f: f.write(text.encode()))
+
+
+def load_or_train(name: str, retrain: bool = False, *,
+                  work_dir: str | os.PathLike | None = None, progress: bool = False
+                  ) -> nn.Module:
+    """Load zoo model ``name`` (shipped weights), or train it here by its recipe and load that.
+
+    "Load the checkpoint if present, else train": with ``retrain=False`` the shipped weights
+    are loaded (``models.pretrained``); with ``retrain=True`` the recipe runs into
+    ``work_dir/<name>`` (default ``$MINIKD_ZOO`` or ``~/.cache/minikd/zoo``), resuming from
+    its checkpoint if one is there, and that model is returned. Either way it prints what it did.
+
+    Args:
+        name: a zoo entry, e.g. ``"toycity/M256"`` (``models.zoo_manifest()`` lists them).
+        retrain: train by the recipe instead of loading the shipped weights.
+        work_dir: where a retrained model lives.
+        progress: tqdm bar while training.
+
+    Returns:
+        The model in eval mode, on the CPU.
+
+    References:
+        Taught in notebooks/01_vanilla_kd_temperature.ipynb.
+    """
+    from minikd.models import pretrained, zoo_entry
+
+    entry = zoo_entry(name)
+    if not retrain:
+        model = pretrained(name)
+        t = entry["trained"]
+        print(f"loaded {name} from the zoo (trained {t['time_s'] / 60:.0f} min on {t['machine']}, "
+              f"{t['threads']} threads; val mIoU {entry['val']['miou']:.3f}); pass retrain=True "
+              "to train it here")
+        return model
+    model, fields = train_zoo_entry(name, work_dir, progress=progress)
+    shipped = entry.get("val", {}).get("miou")
+    print(f"trained {name} here by its recipe ({fields['trained']['time_s'] / 60:.1f} min; "
+          f"val mIoU {fields['val']['miou']:.3f}"
+          + (f", shipped {shipped:.3f}" if shipped is not None else "")
+          + f"); weights in {fields['weights']}")
+    return model
+
+
+def zoo_main(argv: Sequence[str]) -> None:
+    """``python -m minikd.training zoo --list | --train NAME | --train-all``."""
+    from minikd.models import zoo_manifest
+
+    p = argparse.ArgumentParser(prog="python -m minikd.training zoo",
+                                description="List or retrain the ToyCity model zoo.")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--list", action="store_true", help="list the entries and their figures")
+    g.add_argument("--train", metavar="NAME", help="retrain one entry and rewrite the manifest")
+    g.add_argument("--train-all", action="store_true", help="retrain every entry")
+    p.add_argument("--work-dir", default=None, help="checkpoints (default $MINIKD_ZOO)")
+    args = p.parse_args(argv)
+    entries = zoo_manifest()["entries"]
+    if args.list:
+        for name, e in entries.items():
+            val = e.get("val", {}).get("miou")
+            t = e.get("trained", {}).get("time_s")
+            print(f"{name:24s} {e['builder']}({e['args']}) val mIoU "
+                  f"{val if val is None else f'{val:.3f}'}, trained "
+                  f"{t if t is None else f'{t / 60:.0f} min'}")
+        return
+    for name in list(entries) if args.train_all else [args.train]:
+        _, fields = train_zoo_entry(name, args.work_dir)
+        publish_zoo_entry(name, fields)
+        print(f"{name}: val mIoU {fields['val']['miou']:.3f}; manifest updated")
+
+
 # =========================================================================== torchrun demo
 def main(argv: Sequence[str] | None = None) -> None:
     """Demo: a tiny U-Net ensemble on ToyCity, members spread over the ranks of torchrun.
 
     ``torchrun --standalone --nproc_per_node=2 -m minikd.training --members 4`` (or plain
-    ``python -m minikd.training`` on one process).
+    ``python -m minikd.training`` on one process). ``python -m minikd.training zoo ...`` lists
+    and retrains the model zoo (``zoo_main``).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["zoo"]:
+        zoo_main(argv[1:])
+        return
     from minikd.data import ToyCity, eval_transforms, train_transforms
     from minikd.models import unet_family
 

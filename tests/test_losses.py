@@ -545,6 +545,11 @@ def test_distillation_loss_skips_padded_teacher_pixels():
     labels = torch.where(pad, torch.full_like(labels, 255), labels)
     _, terms = L.DistillationLoss(4.0, lam=1.0)(s, {"mask": labels, "teacher_probs": probs})
     assert terms["kd"].item() == pytest.approx(L.kd_loss(s, t, 4.0, pad).item(), rel=1e-4)
+    # with the validity map of RandomCrop, zero-padded teacher *logits* are skipped as well
+    logits_t = torch.where(pad[:, None], torch.zeros_like(t), t)
+    batch = {"mask": labels, "teacher_logits": logits_t, "valid": ~pad}
+    _, terms = L.DistillationLoss(4.0, lam=1.0)(s, batch)
+    assert terms["kd"].item() == pytest.approx(L.kd_loss(s, t, 4.0, pad).item(), rel=1e-5)
 
 
 def test_dudes_and_emuformer_loss_fns():

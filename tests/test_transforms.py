@@ -72,6 +72,10 @@ def test_random_crop_pads_with_ignore_and_zero():
     assert (out["depth"][H:] == 0).all() and (out["ood_mask"][H:] == 0).all()
     assert (out["image"][:, H:] == 0).all() and (out["teacher_probs"][:, H:] == 0).all()
     assert torch.equal(out["mask"][:H, :W], s["mask"])  # pad bottom/right, then crop
+    # the validity map marks the padding (issue 9): True on the image, False on padding
+    assert out["valid"].dtype == torch.bool and out["valid"][:H, :W].all()
+    assert not out["valid"][H:].any() and not out["valid"][:, W:].any()
+    assert "valid" not in s  # the input sample is not modified
     small = RandomCrop(8)(s, generator=torch.Generator().manual_seed(1))
     assert small["mask"].shape == (8, 8)
     check_aligned(small)
@@ -119,6 +123,7 @@ def test_color_jitter_and_normalize_touch_only_the_image():
 def test_presets():
     out = train_transforms((16, 32))(make_sample(), generator=torch.Generator().manual_seed(2))
     assert out["image"].shape == (3, 16, 32) and out["mask"].dtype == torch.int64
+    assert out["valid"].shape == (16, 32)  # every training sample carries the validity map
     assert out["image"].min() < 0  # normalised
     ev = eval_transforms()(make_sample())
     assert ev["image"].shape == (3, H, W)
