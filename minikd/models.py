@@ -897,9 +897,10 @@ def load_zoo_weights(model: nn.Module, path: str | os.PathLike, sha256: str | No
     again = f"Retrain it with `{retrain_command(name)}` (or reinstall minikd)."
     if not path.is_file():
         raise ZooError(f"zoo weights {path} for {name!r} are missing. {again}")
-    if sha256 is not None and _sha256(path) != sha256:
+    actual = _sha256(path) if sha256 is not None else None
+    if actual != sha256:
         raise ZooError(f"zoo weights {path} for {name!r} do not match the manifest's sha256 "
-                       f"(expected {sha256[:12]}..., got {_sha256(path)[:12]}...): the file is "
+                       f"(expected {sha256[:12]}..., got {actual[:12]}...): the file is "
                        f"corrupted, truncated or stale. {again}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -1297,7 +1297,7 @@ def publish_zoo_entry(name: str, fields: Mapping[str, Any],
     (figures, curve, time, sha256) atomically. Used by ``python -m minikd.training zoo``."""
     import shutil
 
-    from minikd.models import ZOO_MANIFEST, _sha256, zoo_manifest
+    from minikd.models import ZOO_MANIFEST, _sha256, retrain_command, zoo_manifest
 
     manifest_path = Path(manifest_path or ZOO_MANIFEST)
     manifest = zoo_manifest(manifest_path)
@@ -1307,7 +1307,7 @@ def publish_zoo_entry(name: str, fields: Mapping[str, Any],
         _atomic_write(target, lambda f: shutil.copyfileobj(src, f))
     entry.update({k: v for k, v in fields.items() if k != "weights"})
     entry["sha256"] = _sha256(target)
-    entry["command"] = f"python -m minikd.training zoo --train {name}"
+    entry["command"] = retrain_command(name)
     text = json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"
     _atomic_write(manifest_path, lambda f: f.write(text.encode()))
 
