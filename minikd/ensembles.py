@@ -16,6 +16,12 @@ key                shape           meaning
 ``depth_var``      [B, H, W]       EMUFormer Eq. 10: mean of variances + variance of means
 =================  ==============  ===========================================================
 
+``predict(x, statistics=("uncertainty",))`` computes only the statistics named (from
+``STATISTICS``); a teacher cache asks for its targets only. The members run one at a time and
+each output is folded into running sums (``StreamingStatistics``: Welford means and sums of
+squares, summed member entropies), so memory is one member's output plus a few ``[B, C, H, W]``
+maps whatever M is; ``return_members=True`` stacks the members instead (same numbers).
+
 Members return either bare logits ``[B, C, H, W]`` or a dict with any of ``"logits"``,
 ``"depth"``, ``"depth_var"`` (other keys, e.g. a DUDES student's ``"uncertainty"``, are stacked
 and passed through ``forward_members`` but not summarised).
@@ -50,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import itertools
 import os
 import tempfile
@@ -63,11 +70,13 @@ from torch.func import functional_call, stack_module_state
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
+    "STATISTICS",
     "TARGET_KEYS",
     "CachedTargets",
     "DeepEnsemble",
     "DeepSubEnsemble",
     "MCDropout",
+    "StreamingStatistics",
     "TeacherCache",
     "VectorizedEnsemble",
     "class_weights_from_iou",
@@ -137,43 +146,191 @@ def depth_predictive_variance(depth: Tensor, depth_var: Tensor | None = None) ->
     return spread if depth_var is None else depth_var.mean(0) + spread
 
 
+STATISTICS: tuple[str, ...] = ("probs", "pred", "uncertainty", "entropy", "mutual_info", "depth",
+                               "depth_var")
+_SEGMENTATION_STATISTICS = frozenset(STATISTICS[:5])
+_DEPTH_STATISTICS = frozenset(STATISTICS[5:])
+
+
+def _wanted(statistics: Sequence[str] | str | None) -> frozenset[str]:
+    """The validated set of statistics asked for (None = all of ``STATISTICS``)."""
+    if statistics is None:
+        return frozenset(STATISTICS)
+    names = (statistics,) if isinstance(statistics, str) else tuple(statistics)
+    unknown = [s for s in names if s not in STATISTICS]
+    if not names or unknown:
+        raise ValueError(f"statistics={list(names)} contains unknown names {unknown}; choose "
+                         f"from {list(STATISTICS)} (or None for all of them).")
+    return frozenset(names)
+
+
+class _Moments:
+    """Running mean and sum of squared deviations of per-pixel maps, one sample at a time.
+
+    Shifted sums (the first sample K as the shift): s1 = Σ(x - K), s2 = Σ(x - K)², so that
+    mean = K + s1/n and Σ(x - mean)² = s2 - s1²/n. Members of an ensemble lie close together,
+    so x - K is about the size of their spread and nothing cancels; the unshifted
+    Σx² - (Σx)²/n loses a float32 std of 1e-6 next to Σx² of 10 entirely. The mean is computed
+    the same way with or without ``squares`` (s2), so asking for more statistics never changes
+    it (nor the argmax).
+    """
+
+    def __init__(self, squares: bool):
+        self.squares, self.n = squares, 0
+        self.shift: Tensor | None = None
+        self.s1: Tensor | None = None
+        self.s2: Tensor | None = None
+
+    def update(self, x: Tensor) -> None:
+        self.n += 1
+        if self.shift is None:
+            self.shift, self.s1 = x.clone(), torch.zeros_like(x)
+            self.s2 = torch.zeros_like(x) if self.squares else None
+            return
+        d = x - self.shift
+        self.s1 += d
+        if self.s2 is not None:
+            self.s2.addcmul_(d, d)
+
+    def mean(self) -> Tensor:
+        return self.shift + self.s1 / self.n
+
+    def squared_deviations(self) -> Tensor:
+        """Σ_t (x_t - mean)², >= 0."""
+        return (self.s2 - self.s1.square() / self.n).clamp_min(0)
+
+
+class StreamingStatistics:
+    """The ``predict`` statistics accumulated one member at a time (memory independent of M).
+
+    ``update(member_output)`` folds one member's logits and/or depth into running per-pixel
+    sums; ``compute()`` returns the dict of the module docstring. Peak memory is one member's
+    output plus a few ``[B, C, H, W]`` maps, whatever the number of members M, where stacking
+    the members holds M softmax maps (10 x 19 x 1024 x 2048 floats = 1.6 GB at Cityscapes
+    resolution). Only what ``statistics`` asks for is computed: Σp always (``pred`` needs the
+    mean), the sum of squares for ``"uncertainty"`` (shifted by the first member, so that
+    members that agree closely keep their small std in float32), the sum of member entropies
+    for ``"mutual_info"``; the std of the predicted class is selected after the last member.
+
+    Args:
+        statistics: names from ``STATISTICS`` to compute (None = all). Names the members cannot
+            give (depth statistics of segmentation-only members and vice versa) are left out.
+        correction: 1 = unbiased std for ``"uncertainty"`` (the DUDES code), 0 = population.
+        what: "member", "sample" or "head", for error messages.
+
+    References:
+        DUDES §3.2 (std of the predicted class); EMUFormer Eq. 3 (entropy) and Eq. 10 (depth
+        variance); Chan, Golub & LeVeque (1983) on shifted sums of squares.
+    """
+
+    def __init__(self, statistics: Sequence[str] | str | None = None, correction: int = 1,
+                 what: str = "member"):
+        self.wanted, self.correction, self.what = _wanted(statistics), correction, what
+        self.n = 0
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._keys: list[str] = []
+        self.probs = _Moments(squares="uncertainty" in self.wanted)  # softmax [B, C, H, W]
+        self.entropy_sum: Tensor | None = None  # Σ_m H[p_m] [B, H, W]
+        self.depth = _Moments(squares="depth_var" in self.wanted)  # means [B, H, W]
+        self.depth_var_sum: Tensor | None = None  # Σ_m s_m² [B, H, W]
+
+    def update(self, output: object) -> None:
+        """Fold in one member's output (logits tensor, or dict with logits/depth/depth_var)."""
+        out = _as_dict(output, self.n)
+        shapes = {k: tuple(v.shape) for k, v in out.items()}
+        if self._shapes is None:
+            self._shapes, self._keys = shapes, sorted(out)
+        else:
+            _check_like(self._shapes, shapes, self.n, self.what)
+        self.n += 1
+        if "logits" in out and self.wanted & _SEGMENTATION_STATISTICS:
+            p = out["logits"].float().softmax(1)
+            self.probs.update(p)
+            if "mutual_info" in self.wanted:  # Σ_m H[p_m], for the expected entropy
+                h = torch.special.entr(p).sum(1)
+                self.entropy_sum = h if self.entropy_sum is None else self.entropy_sum + h
+        if "depth" in out and self.wanted & _DEPTH_STATISTICS:
+            self.depth.update(out["depth"].float())
+            if out.get("depth_var") is not None and "depth_var" in self.wanted:
+                var = out["depth_var"].float()
+                self.depth_var_sum = var if self.depth_var_sum is None else \
+                    self.depth_var_sum + var
+
+    def compute(self) -> dict[str, Tensor]:
+        """The statistics asked for (see the module docstring), from the members seen so far."""
+        if self.n == 0:
+            raise ValueError("no member output was given to StreamingStatistics.update.")
+        out: dict[str, Tensor] = {}
+        if self.probs.n:
+            out.update(self._segmentation())
+        if self.depth.n:
+            out["depth"] = self.depth.mean()
+            if "depth_var" in self.wanted:  # Eq. 10: population variance of the means (1/T)
+                spread = self.depth.squared_deviations() / self.n
+                out["depth_var"] = spread if self.depth_var_sum is None else \
+                    self.depth_var_sum / self.n + spread
+        out = {k: v for k, v in out.items() if k in self.wanted}
+        if not out:
+            raise ValueError(f"the {self.what}s returned keys {self._keys}, which give none of "
+                             f"the statistics asked for, {sorted(self.wanted)}: segmentation "
+                             "statistics need 'logits' (a bare tensor counts as logits), "
+                             "'depth'/'depth_var' need 'depth'.")
+        return out
+
+    def _segmentation(self) -> dict[str, Tensor]:
+        probs = self.probs.mean()
+        pred = probs.max(1).indices  # = argmax(1), ties included, several times faster on a CPU
+        out = {"probs": probs, "pred": pred}
+        if "uncertainty" in self.wanted:
+            if self.n - self.correction <= 0:
+                out["uncertainty"] = torch.zeros_like(probs[:, 0])
+            else:
+                idx = pred[:, None]
+                s1, s2 = (s.gather(1, idx)[:, 0] for s in (self.probs.s1, self.probs.s2))
+                m2 = (s2 - s1.square() / self.n).clamp_min(0)
+                out["uncertainty"] = (m2 / (self.n - self.correction)).sqrt()
+        if self.wanted & {"entropy", "mutual_info"}:
+            entropy = torch.special.entr(probs).sum(1)  # entr(p) = -p log p, 0 at p = 0
+            out["entropy"] = entropy
+            if self.entropy_sum is not None:
+                out["mutual_info"] = (entropy - self.entropy_sum / self.n).clamp_min(0)
+        return out
+
+
 def ensemble_statistics(member_outputs: Mapping[str, Tensor], correction: int = 1,
-                        return_members: bool = False) -> dict[str, Tensor]:
+                        return_members: bool = False,
+                        statistics: Sequence[str] | str | None = None) -> dict[str, Tensor]:
     """Summarise stacked member outputs into the ``predict`` dict (see the module docstring).
+
+    The stacked twin of ``StreamingStatistics`` (it feeds the members to it one by one, so both
+    paths give the same numbers); for lessons that hold every member's output anyway.
 
     Args:
         member_outputs: ``{"logits": [M,B,C,H,W]}`` and/or ``{"depth"/"depth_var": [M,B,H,W]}``.
         correction: for the DUDES std, see ``dudes_uncertainty``.
         return_members: also return ``"member_probs"`` ``[M,B,C,H,W]``.
+        statistics: names from ``STATISTICS`` to compute (None = all the members can give).
 
     Returns:
         Dict with probs, pred, uncertainty, entropy, mutual_info (segmentation members) and
-        depth, depth_var (depth members).
+        depth, depth_var (depth members), restricted to ``statistics``.
 
     References:
         DUDES §3.2; EMUFormer Eq. 3 (entropy) and Eq. 10; mutual information as in
         Depeweg et al. 2018 / Gal 2016 (total = aleatoric + epistemic).
     """
-    out: dict[str, Tensor] = {}
-    if "logits" in member_outputs:
-        member_probs = member_outputs["logits"].float().softmax(dim=2)  # [M,B,C,H,W]
-        probs = member_probs.mean(0)
-        entropy = torch.special.entr(probs).sum(1)  # entr(p) = -p log p, 0 at p = 0
-        expected_entropy = torch.special.entr(member_probs).sum(2).mean(0)
-        pred = probs.argmax(1)
-        out.update(probs=probs, pred=pred,
-                   uncertainty=dudes_uncertainty(member_probs, pred, correction),
-                   entropy=entropy, mutual_info=(entropy - expected_entropy).clamp_min(0))
-        if return_members:
-            out["member_probs"] = member_probs
-    if "depth" in member_outputs:
-        depth = member_outputs["depth"].float()
-        var = member_outputs.get("depth_var")
-        out["depth"] = depth.mean(0)
-        out["depth_var"] = depth_predictive_variance(depth, None if var is None else var.float())
-    if not out:
+    members = {k: v for k, v in member_outputs.items() if k in ("logits", "depth", "depth_var")}
+    if not members:
         raise ValueError(f"members returned keys {sorted(member_outputs)}; expected 'logits' "
                          "and/or 'depth' (a bare tensor counts as logits).")
+    acc = StreamingStatistics(statistics, correction)
+    for i in range(next(iter(members.values())).shape[0]):
+        acc.update({k: v[i] for k, v in members.items()})
+    out = acc.compute()
+    if return_members:
+        if "logits" not in members:
+            raise ValueError("return_members=True needs members that return logits.")
+        out["member_probs"] = members["logits"].float().softmax(dim=2)
     return out
 
 
@@ -188,25 +345,28 @@ def _as_dict(out: object, index: int) -> dict[str, Tensor]:
                      "[B, C, H, W] or a dict with 'logits' and/or 'depth'/'depth_var'.")
 
 
-def _check_like(ref: dict[str, Tensor], out: dict[str, Tensor], index: int, what: str) -> None:
-    """Raise a ValueError naming ``index`` if ``out`` has other keys or shapes than ``ref``."""
+def _check_like(ref: Mapping[str, tuple[int, ...]], out: Mapping[str, tuple[int, ...]],
+                index: int, what: str) -> None:
+    """Raise a ValueError naming ``index`` if ``out`` has other keys or shapes than ``ref``
+    (both map output keys to shapes)."""
     if sorted(ref) != sorted(out):
         raise ValueError(f"{what} {index} returned keys {sorted(out)} but {what} 0 returned "
                          f"{sorted(ref)}; every {what} must produce the same outputs.")
-    for key, t in out.items():
-        if t.shape != ref[key].shape:
-            detail = (f" ({t.shape[1]} classes vs {ref[key].shape[1]})"
-                      if key == "logits" and t.ndim == 4 else "")
-            raise ValueError(f"{what} {index} returned {key!r} of shape {tuple(t.shape)} but "
-                             f"{what} 0 returned {tuple(ref[key].shape)}{detail}; all {what}s "
+    for key, shape in out.items():
+        if tuple(shape) != tuple(ref[key]):
+            detail = (f" ({shape[1]} classes vs {ref[key][1]})"
+                      if key == "logits" and len(shape) == 4 else "")
+            raise ValueError(f"{what} {index} returned {key!r} of shape {tuple(shape)} but "
+                             f"{what} 0 returned {tuple(ref[key])}{detail}; all {what}s "
                              "must agree on class count and output size.")
 
 
 def _stack_outputs(outputs: Sequence[object], what: str = "member") -> dict[str, Tensor]:
     """Check that per-member outputs agree, then stack each key along a new dim 0."""
     dicts = [_as_dict(o, i) for i, o in enumerate(outputs)]
-    for i, d in enumerate(dicts[1:], start=1):
-        _check_like(dicts[0], d, i, what)
+    shapes = [{k: tuple(v.shape) for k, v in d.items()} for d in dicts]
+    for i, d in enumerate(shapes[1:], start=1):
+        _check_like(shapes[0], d, i, what)
     return {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]}
 
 
@@ -356,19 +516,32 @@ class DeepEnsemble(nn.Module):
         return self.forward_members(x)
 
     @torch.no_grad()
-    def predict(self, x: Tensor, return_members: bool = False) -> dict[str, Tensor]:
+    def predict(self, x: Tensor, return_members: bool = False,
+                statistics: Sequence[str] | str | None = None) -> dict[str, Tensor]:
         """Ensemble prediction and uncertainties in eval mode, without gradients.
+
+        The members run one after the other and each output is folded into running sums
+        (``StreamingStatistics``), so memory does not grow with M. ``return_members=True`` and
+        the vectorised path (which produces every member's output at once) summarise the
+        stacked outputs instead; the numbers are the same.
 
         Args:
             x: input batch ``[B, 3, H, W]`` (normalised as the members expect).
             return_members: also return ``"member_probs"`` ``[M, B, C, H, W]``.
+            statistics: names from ``STATISTICS`` to compute, e.g. ``("uncertainty",)`` for a
+                DUDES teacher target; None (default) = all the members can give.
 
         Returns:
             The dict described in the module docstring.
         """
         with _eval_mode(self.members):
-            stacked = self.forward_members(x)
-        return ensemble_statistics(stacked, self.correction, return_members)
+            if return_members or self._use_vmap(x):
+                return ensemble_statistics(self.forward_members(x), self.correction,
+                                           return_members, statistics)
+            acc = StreamingStatistics(statistics, self.correction)
+            for member in self.members:
+                acc.update(member(x))
+            return acc.compute()
 
 
 # --------------------------------------------------------------------------- vectorised training
@@ -529,9 +702,20 @@ class MCDropout(nn.Module):
         return self.forward_members(x)
 
     @torch.no_grad()
-    def predict(self, x: Tensor, return_members: bool = False) -> dict[str, Tensor]:
-        """Mean prediction and uncertainties over T dropout samples (``DeepEnsemble.predict``)."""
-        return ensemble_statistics(self.forward_members(x), self.correction, return_members)
+    def predict(self, x: Tensor, return_members: bool = False,
+                statistics: Sequence[str] | str | None = None) -> dict[str, Tensor]:
+        """Mean prediction and uncertainties over T dropout samples (``DeepEnsemble.predict``;
+        streamed over the samples unless ``batched`` or ``return_members``)."""
+        if return_members or self.batched:
+            return ensemble_statistics(self.forward_members(x), self.correction,
+                                       return_members, statistics)
+        acc = StreamingStatistics(statistics, self.correction, "sample")
+        with _eval_mode(self.model):
+            for layer in _dropout_layers(self.model):
+                layer.train()
+            for _ in range(self.n_samples):
+                acc.update(self.model(x))
+        return acc.compute()
 
 
 # --------------------------------------------------------------------------- deep sub-ensemble
@@ -594,25 +778,50 @@ class DeepSubEnsemble(nn.Module):
             self.step += 1
         if head is not None:
             return self.heads[head](self.trunk(x))
-        stats = ensemble_statistics(self.forward_members(x), self.correction)
+        stats = self._stream(x, ("probs", "depth", "depth_var"))
         out = {k: stats[k] for k in ("depth", "depth_var") if k in stats}
         if "probs" in stats:
             out["logits"] = stats["probs"].clamp_min(1e-12).log()
         return out
 
+    def _stream(self, x: Tensor, statistics: Sequence[str] | str | None) -> dict[str, Tensor]:
+        """The trunk once, then the heads folded one by one into ``StreamingStatistics``."""
+        features = self.trunk(x)
+        acc = StreamingStatistics(statistics, self.correction, "head")
+        for head in self.heads:
+            acc.update(head(features))
+        return acc.compute()
+
     @torch.no_grad()
-    def predict(self, x: Tensor, return_members: bool = False) -> dict[str, Tensor]:
-        """Ensemble prediction and uncertainties over the N heads, in eval mode."""
+    def predict(self, x: Tensor, return_members: bool = False,
+                statistics: Sequence[str] | str | None = None) -> dict[str, Tensor]:
+        """Ensemble prediction and uncertainties over the N heads, in eval mode (streamed over
+        the heads unless ``return_members``)."""
         with _eval_mode(self):
-            return ensemble_statistics(self.forward_members(x), self.correction, return_members)
+            if return_members:
+                return ensemble_statistics(self.forward_members(x), self.correction,
+                                           return_members, statistics)
+            return self._stream(x, statistics)
 
 
 # --------------------------------------------------------------------------- teacher cache
+def _takes_statistics(predict: Callable) -> bool:
+    """Whether a ``predict`` method accepts ``statistics=`` (minikd's ensembles do)."""
+    try:
+        return "statistics" in inspect.signature(predict).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.no_grad()
-def _teacher_outputs(teacher: nn.Module, images: Tensor) -> dict[str, Tensor]:
-    """Everything a teacher can give for a batch: ``predict`` outputs, or a model's raw outputs
-    plus ``probs`` (softmax of its logits)."""
+def _teacher_outputs(teacher: nn.Module, images: Tensor,
+                     targets: Sequence[str] = ()) -> dict[str, Tensor]:
+    """What a teacher gives for a batch: its ``predict`` outputs (only the statistics among
+    ``targets`` when it accepts ``statistics=``), or a model's raw outputs plus ``probs``."""
     if hasattr(teacher, "predict"):
+        wanted = [t for t in targets if t in STATISTICS]
+        if wanted and len(wanted) == len(targets) and _takes_statistics(teacher.predict):
+            return dict(teacher.predict(images, statistics=wanted))
         return dict(teacher.predict(images))
     with _eval_mode(teacher):
         out = _as_dict(teacher(images), 0)
@@ -698,7 +907,7 @@ class TeacherCache:
         self.targets: dict[str, Tensor] = {}
         self.dataset_index = torch.empty(n, dtype=torch.long)
         for batch in loader:
-            out = _teacher_outputs(teacher, batch["image"].to(device))
+            out = _teacher_outputs(teacher, batch["image"].to(device), targets)
             stop = start + batch["image"].shape[0]
             for name in targets:
                 if name not in out:

@@ -46,6 +46,7 @@ __all__ = [
     "count_parameters",
     "depth_metrics",
     "depth_uncertainty_accuracy",
+    "detection_metrics",
     "ece",
     "entropy",
     "fpr_at_95_tpr",
@@ -164,7 +165,7 @@ class SegmentationMeter:
             labels: true classes [B, H, W] or [H, W], 0..C-1 or ``ignore_index``.
         """
         if pred.is_floating_point() and pred.dim() == labels.dim() + 1:
-            pred = pred.argmax(1 if pred.dim() == 4 else 0)
+            pred = pred.max(1 if pred.dim() == 4 else 0).indices  # = argmax, 3-4x faster on CPU
         _check_same_shape(pred=pred, labels=labels)
         _check_labels(labels, self.num_classes, self.ignore_index)
         _check_labels(pred, self.num_classes, None, name="pred")
@@ -411,9 +412,10 @@ def auroc(
         Examples" (ICLR 2017). Taught in notebooks/03_dudes.ipynb and notebook 04 (EMUFormer).
     """
     curve = _binary_curve(*_flat_scores(scores, positives, valid, max_samples))
-    if curve is None:
-        return float("nan")
-    tps, fps = curve
+    return float("nan") if curve is None else _auroc_of(*curve)
+
+
+def _auroc_of(tps: Tensor, fps: Tensor) -> float:
     tpr = torch.cat([tps.new_zeros(1), tps / tps[-1]])
     fpr = torch.cat([fps.new_zeros(1), fps / fps[-1]])
     return float(torch.trapezoid(tpr, fpr))
@@ -439,9 +441,10 @@ def average_precision(
         notebook 04 (EMUFormer).
     """
     curve = _binary_curve(*_flat_scores(scores, positives, valid, max_samples))
-    if curve is None:
-        return float("nan")
-    tps, fps = curve
+    return float("nan") if curve is None else _average_precision_of(*curve)
+
+
+def _average_precision_of(tps: Tensor, fps: Tensor) -> float:
     precision = tps / (tps + fps)
     recall = tps / tps[-1]
     d_recall = torch.diff(recall, prepend=recall.new_zeros(1))
@@ -466,11 +469,36 @@ def fpr_at_95_tpr(
         Liang et al., "ODIN" (ICLR 2018), the FPR at 95 % TPR. Taught in notebook 04 (EMUFormer).
     """
     curve = _binary_curve(*_flat_scores(scores, positives, valid, max_samples))
-    if curve is None:
-        return float("nan")
-    tps, fps = curve
+    return float("nan") if curve is None else _fpr_at_95_tpr_of(*curve)
+
+
+def _fpr_at_95_tpr_of(tps: Tensor, fps: Tensor) -> float:
     first = int(torch.nonzero(tps / tps[-1] >= 0.95 - 1e-12)[0])
     return float(fps[first] / fps[-1])
+
+
+def detection_metrics(
+    scores: Tensor,
+    positives: Tensor,
+    valid: Tensor | None = None,
+    max_samples: int | None = None,
+) -> dict[str, float]:
+    """AUROC, AP and FPR@95 from one sort of the scores (the three functions above sort once
+    each). Arguments as ``auroc``.
+
+    Returns:
+        ``{"auroc", "ap", "fpr95"}``, each equal to its function's result; all NaN (with one
+        warning) without positives or without negatives.
+
+    References:
+        As ``auroc``, ``average_precision`` and ``fpr_at_95_tpr``. Used by
+        ``training.evaluate`` for error and unknown-object detection.
+    """
+    curve = _binary_curve(*_flat_scores(scores, positives, valid, max_samples))
+    if curve is None:
+        return dict.fromkeys(("auroc", "ap", "fpr95"), float("nan"))
+    return {"auroc": _auroc_of(*curve), "ap": _average_precision_of(*curve),
+            "fpr95": _fpr_at_95_tpr_of(*curve)}
 
 
 # --------------------------------------------------------------------------------------------

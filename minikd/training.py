@@ -792,7 +792,7 @@ class _Evaluation:
 
     def _segmentation(self, out: dict, batch: dict, index: int, with_unc: bool) -> None:
         probs, labels = out["probs"].float(), batch["mask"]
-        pred = out.get("pred", probs.argmax(1))
+        pred = out["pred"] if "pred" in out else probs.max(1).indices  # (not evaluated twice)
         if self.meter is None:
             self.num_classes = self.num_classes or probs.shape[1]
             self.meter = self.m.SegmentationMeter(self.num_classes, self.ignore)
@@ -863,11 +863,11 @@ class _Evaluation:
         s = {k: torch.cat([t.reshape(-1) for t in v]) for k, v in self.samples.items()}
         valid = s["labels"] != self.ignore
         errors = (s["pred"] != s["labels"]) & valid
-        for name, fn in (("auroc", m.auroc), ("ap", m.average_precision),
-                         ("fpr95", m.fpr_at_95_tpr)):
-            res[f"error_{name}"] = fn(s["unc"], errors, valid)
-            if "ood" in s:
-                res[f"ood_{name}"] = fn(s["ood_unc"], s["ood"], s["ood_valid"])
+        res.update({f"error_{k}": v for k, v in m.detection_metrics(s["unc"], errors,
+                                                                    valid).items()})
+        if "ood" in s:  # one sort per score set, shared by AUROC, AP and FPR@95
+            res.update({f"ood_{k}": v for k, v in m.detection_metrics(
+                s["ood_unc"], s["ood"], s["ood_valid"]).items()})
         if fractions is not None:
             flat = [s[k].reshape(1, 1, -1) for k in ("unc", "pred", "labels")]
             curve = m.removal_curve(*flat, self.num_classes, fractions, self.ignore)
@@ -876,10 +876,16 @@ class _Evaluation:
         return res
 
 
-def _model_outputs(model: nn.Module, x: Tensor, size: torch.Size) -> dict[str, Tensor]:
-    """probs/pred/uncertainty/depth of a model, DUDES student or ensemble (``.predict``)."""
-    if callable(getattr(model, "predict", None)):
-        out = dict(model.predict(x))
+def _model_outputs(model: nn.Module, x: Tensor, size: torch.Size,
+                   statistics: Sequence[str]) -> dict[str, Tensor]:
+    """probs/pred/uncertainty/depth of a model, DUDES student or ensemble (``.predict``, asked
+    for ``statistics`` only when it accepts ``statistics=``)."""
+    predict = getattr(model, "predict", None)
+    if callable(predict):
+        from minikd.ensembles import _takes_statistics
+
+        out = dict(predict(x, statistics=statistics) if _takes_statistics(predict)
+                   else predict(x))
     else:
         raw = model(x)
         out = dict(raw) if isinstance(raw, Mapping) else {"logits": raw}
@@ -890,7 +896,7 @@ def _model_outputs(model: nn.Module, x: Tensor, size: torch.Size) -> dict[str, T
                                      align_corners=False)
         out.pop("pred", None)
     if "probs" in out and "pred" not in out:
-        out["pred"] = out["probs"].argmax(1)
+        out["pred"] = out["probs"].max(1).indices  # = argmax(1), several times faster on a CPU
     for k in ("uncertainty", "depth", "depth_var"):
         if k in out and out[k].shape[-2:] != size:
             out[k] = F.interpolate(out[k].float()[:, None], size=size, mode="bilinear",
@@ -949,12 +955,15 @@ def evaluate(model_or_ensemble: nn.Module, loader: DataLoader, num_classes: int 
     was_training = model.training
     model.to(device).eval()
     seen_ood = False
+    statistics = ("probs", "pred", "depth", "depth_var") + (
+        ("uncertainty",) if with_uncertainty else ())  # what an ensemble's predict computes
     try:
         for i, batch in enumerate(loader):
             batch = _to_device(batch, device, False)
             seen_ood |= "ood_mask" in batch
             size = batch["mask"].shape[-2:] if "mask" in batch else batch["image"].shape[-2:]
-            acc.update(_model_outputs(model, batch["image"], size), batch, i, with_uncertainty)
+            out = _model_outputs(model, batch["image"], size, statistics)
+            acc.update(out, batch, i, with_uncertainty)
     finally:
         model.train(was_training)
     if ood and not seen_ood:

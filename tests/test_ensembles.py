@@ -342,8 +342,10 @@ def test_cache_holds_teacher_outputs_and_roundtrips(tmp_path):
         TeacherCache.load(tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="unknown names"):
         TeacherCache(ens, data, targets=("softmax",))
+    with pytest.raises(ValueError, match=r"none of the statistics asked for, \['depth'\]"):
+        TeacherCache(ens, data, targets=("depth",))  # only 'depth' asked: predict says why
     with pytest.raises(ValueError, match="not 'depth'"):
-        TeacherCache(ens, data, targets=("depth",))
+        TeacherCache(ens, data, targets=("probs", "depth"))
     with pytest.raises(ValueError, match="cache holds 5 images"):
         CachedTargets(ImageSet(n=4), cache)
     sample = CachedTargets(data, cache)[3]
