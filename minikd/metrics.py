@@ -102,10 +102,16 @@ def _pixel_maps(*maps: Tensor) -> tuple[Tensor, ...]:
     return tuple(out)
 
 
-def _confusion(pred: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """Confusion matrix [C, C] (rows = true class, columns = predicted) of valid pixels."""
+def _confusion(pred: Tensor, labels: Tensor, num_classes: int,
+               ignore_index: int | None = None) -> Tensor:
+    """Confusion matrix [C, C] (rows = true class, columns = predicted) of the pixels whose
+    label is not ``ignore_index``. Ignored pixels go to an extra bin that is dropped, which is
+    several times faster than selecting the valid pixels first (two boolean compactions)."""
+    c2 = num_classes**2
     idx = labels.reshape(-1).long() * num_classes + pred.reshape(-1).long()
-    return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
+    if ignore_index is not None:
+        idx = idx.masked_fill_(labels.reshape(-1) == ignore_index, c2)
+    return torch.bincount(idx, minlength=c2 + 1)[:c2].reshape(num_classes, num_classes)
 
 
 def _iou(confusion: Tensor) -> Tensor:
@@ -164,13 +170,20 @@ class SegmentationMeter:
                 [B, C, H, W] (logits or probabilities; the argmax over dim 1 is taken).
             labels: true classes [B, H, W] or [H, W], 0..C-1 or ``ignore_index``.
         """
-        if pred.is_floating_point() and pred.dim() == labels.dim() + 1:
-            pred = pred.max(1 if pred.dim() == 4 else 0).indices  # = argmax, 3-4x faster on CPU
+        scores = pred.is_floating_point() and pred.dim() == labels.dim() + 1
+        if scores:
+            dim = 1 if pred.dim() == 4 else 0
+            if pred.shape[dim] != self.num_classes:
+                raise ValueError(f"pred has {pred.shape[dim]} class scores per pixel (shape "
+                                 f"{tuple(pred.shape)}) but the meter counts "
+                                 f"{self.num_classes} classes; build it with "
+                                 f"SegmentationMeter({pred.shape[dim]}) or pass the argmax.")
+            pred = pred.max(dim).indices  # = argmax(dim), 3-4x faster on a CPU
         _check_same_shape(pred=pred, labels=labels)
         _check_labels(labels, self.num_classes, self.ignore_index)
-        _check_labels(pred, self.num_classes, None, name="pred")
-        valid = labels != self.ignore_index
-        counts = _confusion(pred[valid], labels[valid], self.num_classes)
+        if not scores:  # an argmax over num_classes scores is in range by construction
+            _check_labels(pred, self.num_classes, None, name="pred")
+        counts = _confusion(pred, labels, self.num_classes, self.ignore_index)
         self.confusion += counts.cpu()
 
     def compute(self) -> dict[str, float | Tensor]:
