@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +62,37 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
             f"install. Convert it to .npz once with the snippet in {README}.")
     if not path.is_file():
         raise PrepareError(f"{path} not found; create it with the snippet in {README}.")
-    with np.load(path, allow_pickle=False) as npz:
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        what = ("it holds pickled data, which is never loaded" if "pickle" in str(err)
+                else f"{type(err).__name__}: {err}")
+        raise PrepareError(f"{path} is not a readable .npz file ({what}); export it again with "
+                           f"np.savez as the snippet in {README} does.") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise PrepareError(f"{path} holds a single array, not an .npz archive with arrays "
+                           f"{list(KEYS)}; export it with np.savez as the snippet in {README} "
+                           "does.")
+    with npz:
         missing = [k for k in KEYS if k not in npz.files]
         if missing:
             raise PrepareError(f"{path} lacks arrays {missing} (has {npz.files}); expected "
                                f"{list(KEYS)} as written by the snippet in {README}.")
-        data = {k: npz[k] for k in KEYS}
+        data = {}
+        for k in KEYS:
+            try:
+                data[k] = npz[k]
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+                # e.g. "Object arrays cannot be loaded when allow_pickle=False": never unpickled
+                raise PrepareError(
+                    f"{path}: array {k!r} cannot be read as plain numbers "
+                    f"({type(err).__name__}): it holds pickled Python objects or is damaged. "
+                    "Convert it to a numeric array (e.g. np.asarray(x, dtype=np.uint8)) before "
+                    f"np.savez, as the snippet in {README} does; pickled data is never loaded."
+                ) from None
+    if data["labels40"].ndim != 3:
+        raise PrepareError(f"{path}: labels40 has shape {data['labels40'].shape}; expected "
+                           f"[N, H, W] as written by the snippet in {README}.")
     n, h, w = data["labels40"].shape
     if data["images"].shape != (n, h, w, 3) or data["depths"].shape != (n, h, w):
         raise PrepareError(

@@ -59,7 +59,6 @@ import copy
 import inspect
 import itertools
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -68,6 +67,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state
 from torch.utils.data import DataLoader, Dataset
+
+from minikd.metrics import check_labels, check_probabilities
 
 __all__ = [
     "STATISTICS",
@@ -117,10 +118,28 @@ def dudes_uncertainty(member_probs: Tensor, pred: Tensor, correction: int = 1) -
     Returns:
         ``[B, H, W]`` uncertainty, >= 0.
 
+    Raises:
+        ValueError: ``member_probs`` is not ``[M, B, C, H, W]`` probabilities (e.g. one model's
+            ``[B, C, H, W]``, or logits), or ``pred`` is not ``[B, H, W]`` in 0..C-1.
+        TypeError: ``pred`` is not an integer tensor.
+
     References:
         Landgraf et al., DUDES (2023) §3.2 (z_i of Eq. 2). Taught in notebooks/03_dudes.ipynb.
     """
-    m = member_probs.shape[0]
+    if not isinstance(member_probs, Tensor) or member_probs.dim() != 5:
+        got = (tuple(member_probs.shape) if isinstance(member_probs, Tensor)
+               else type(member_probs).__name__)
+        raise ValueError(f"member_probs has shape {got}; expected [M, B, C, H, W], the members "
+                         "stacked on dim 0 (predict(x, return_members=True)['member_probs']). "
+                         "For one model's probabilities use probs.unsqueeze(0).")
+    m, b, c, h, w = member_probs.shape
+    if not isinstance(pred, Tensor) or tuple(pred.shape) != (b, h, w):
+        got = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
+        raise ValueError(f"pred has shape {got}; expected [B, H, W] = {[b, h, w]} to match "
+                         "member_probs, e.g. member_probs.mean(0).argmax(1).")
+    check_labels(pred, c, None, name="pred")
+    check_probabilities(member_probs, dim=2, name="member_probs")
+    pred = pred.long()
     index = pred[None, :, None].expand(m, -1, 1, -1, -1)
     p_pred = member_probs.gather(2, index).squeeze(2)  # [M, B, H, W]
     if m - correction <= 0:
@@ -139,9 +158,17 @@ def depth_predictive_variance(depth: Tensor, depth_var: Tensor | None = None) ->
     Returns:
         ``[B, H, W]`` predictive variance (population variance of the means, as Eq. 10's 1/T).
 
+    Raises:
+        ValueError: ``depth`` is not ``[M, B, H, W]`` or ``depth_var`` has another shape.
+
     References:
         Landgraf et al., EMUFormer (2024) Eq. 10; Lakshminarayanan et al. 2017 Eq. in §2.4.
     """
+    if depth.dim() != 4 or (depth_var is not None and depth_var.shape != depth.shape):
+        got = "" if depth_var is None else f" and depth_var {tuple(depth_var.shape)}"
+        raise ValueError(f"got depth {tuple(depth.shape)}{got}; expected the members' depth "
+                         "means [M, B, H, W] (members stacked on dim 0) and, if given, their "
+                         "variances of the same shape.")
     spread = depth.var(dim=0, correction=0)
     return spread if depth_var is None else depth_var.mean(0) + spread
 
@@ -831,16 +858,14 @@ def _teacher_outputs(teacher: nn.Module, images: Tensor,
 
 
 def _atomic_save(obj: object, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save to a temporary file in the same folder, then rename (never half-written).
+
+    The one atomic writer of minikd (``training._atomic_write``), which also removes the
+    temporary files of ``path`` that an earlier, killed write left behind.
+    """
+    from minikd.training import _atomic_write  # training imports nothing from here: no cycle
+
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class TeacherCache:
@@ -961,11 +986,14 @@ class TeacherCache:
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = False) -> TeacherCache:
         """Read a cache written by ``save`` (``weights_only=True``; ``mmap`` keeps it on disk)."""
+        from minikd.training import _load_error_reason
+
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except Exception as err:  # truncated file, foreign pickle, ...
-            raise ValueError(f"{path} is not a readable minikd teacher cache ({err}). Delete it "
-                             "and build it again with TeacherCache(...).save(path).") from err
+        except Exception as err:  # noqa: BLE001 - truncated file, foreign pickle, ...
+            raise ValueError(f"{path} is not a readable minikd teacher cache "
+                             f"({_load_error_reason(err)}). Delete it and build it again with "
+                             "TeacherCache(...).save(path).") from None
         if not isinstance(state, dict) or state.get("format") != "minikd.TeacherCache/1":
             raise ValueError(f"{path} is not a minikd teacher cache (no 'format' tag); delete it "
                              "and rebuild it.")
@@ -1043,14 +1071,33 @@ class CachedTargets(Dataset):
 # TeacherCache), so a grid search or a new fusion never runs a teacher again.
 
 
-def _member_stack(member_probs: Tensor | Sequence[Tensor], what: str = "member_probs") -> Tensor:
-    """``[M, B, C, H, W]`` from a stacked tensor or a sequence of ``[B, C, H, W]`` tensors."""
+def _member_stack(member_probs: Tensor | Sequence[Tensor], what: str = "member_probs",
+                  check: bool = True) -> Tensor:
+    """``[M, B, C, H, W]`` from a stacked tensor or a sequence of ``[B, C, H, W]`` tensors.
+
+    With ``check`` the values must be probabilities over C (``metrics.check_probabilities``, so
+    float16 from a ``TeacherCache`` passes and logits do not); a sequence whose members differ in
+    shape is refused with every member's shape and class count.
+    """
     if not isinstance(member_probs, Tensor):
-        member_probs = torch.stack(list(member_probs))
+        members = list(member_probs)
+        if not members or not all(isinstance(t, Tensor) for t in members):
+            raise ValueError(f"{what} must be a tensor [M, B, C, H, W] or a non-empty sequence of "
+                             f"[B, C, H, W] tensors; got {[type(t).__name__ for t in members]}.")
+        shapes = [tuple(t.shape) for t in members]
+        if len(set(shapes)) > 1:
+            listed = "; ".join(f"member {i}: {s}" + (f" ({s[1]} classes)" if len(s) == 4 else "")
+                               for i, s in enumerate(shapes))
+            raise ValueError(f"the members of {what} differ in shape ({listed}); every teacher "
+                             "must give [B, C, H, W] probabilities for the same classes and "
+                             "images. Check each teacher's num_classes and input.")
+        member_probs = torch.stack(members)
     if member_probs.dim() != 5:
         raise ValueError(f"{what} has shape {tuple(member_probs.shape)}; expected "
                          "[M, B, C, H, W] (members stacked on dim 0). For one member, use "
                          "probs.unsqueeze(0).")
+    if check:
+        check_probabilities(member_probs, dim=2, name=what)
     return member_probs
 
 
@@ -1203,12 +1250,9 @@ def ensemble_weight_confusions(member_probs: Tensor | Sequence[Tensor], labels: 
     if tuple(labels.shape) != (b, h, w):
         raise ValueError(f"labels have shape {tuple(labels.shape)}; expected [B, H, W] = "
                          f"{[b, h, w]} to match member_probs.")
-    labels = labels.to(p.device)
+    check_labels(labels, c, ignore_index)
+    labels = labels.to(p.device).long()
     valid = labels != ignore_index
-    bad = valid & ((labels < 0) | (labels >= c))
-    if bool(bad.any()):
-        raise ValueError(f"labels contain {labels[bad].unique().tolist()}; expected 0..{c - 1} "
-                         f"or {ignore_index} (ignore).")
     target = labels[valid]
     flat = p.permute(0, 1, 3, 4, 2)[:, valid].reshape(m, -1)  # [M, P*C], valid pixels only
     chunk = chunk or max(1, (1 << 24) // max(1, flat.shape[1]))
@@ -1259,7 +1303,7 @@ def search_ensemble_weights(member_probs: Tensor | Sequence[Tensor] | None,
     if confusions is None:
         if member_probs is None or labels is None:
             raise ValueError("give member_probs and labels, or confusions (with grid).")
-        p = _member_stack(member_probs)
+        p = _member_stack(member_probs, check=False)  # ensemble_weight_confusions checks it
         grid = weight_grid(p.shape[0], values) if grid is None else torch.as_tensor(grid)
         confusions = ensemble_weight_confusions(p, labels, grid, num_classes,
                                                 ignore_index=ignore_index, chunk=chunk)
@@ -1396,6 +1440,11 @@ def fuse_teacher_caches(caches: Sequence[TeacherCache], fuse: Callable[[Tensor],
     for start in range(0, n, batch_size):
         sl = slice(start, min(start + batch_size, n))
         fused = fuse(torch.stack([probs(cache, sl) for cache in caches]))
+        if not isinstance(fused, Tensor) or fused.dim() != 4 or fused.shape[0] != sl.stop - start:
+            got = tuple(fused.shape) if isinstance(fused, Tensor) else type(fused).__name__
+            raise ValueError(f"fuse returned {got} for {sl.stop - start} images; expected "
+                             "[b, C, H, W] probabilities, e.g. lambda p: weighted_fusion(p, w).")
+        check_probabilities(fused, dim=1, name="fuse(...)'s output")
         if out is None:
             out = torch.empty((n, *fused.shape[1:]), dtype=dtype)
         out[sl] = fused.clamp_min(eps).log().to(dtype)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from minikd.metrics import check_labels, check_probabilities
+
 __all__ = [
     "KD_CONVENTIONS",
     "ClassWiseUncertaintyLoss",
@@ -317,11 +319,17 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Te
 
     Args:
         logits: [B, C, H, W].
-        labels: int64 [B, H, W], 0..C-1 or ``ignore_index``.
+        labels: [B, H, W] of any integer dtype (uint8 label maps are converted to int64 here),
+            0..C-1 or ``ignore_index``.
         ignore_index: label value that is skipped.
 
     Returns:
         Scalar tensor.
+
+    Raises:
+        ValueError: mismatched shapes, or labels outside 0..C-1 that are not ``ignore_index``
+            (``metrics.check_labels``).
+        TypeError: floating or bool labels.
 
     References:
         Niemann Eq. 2; DUDES Eq. 1; EMUFormer Eq. 2. Taught in
@@ -333,6 +341,8 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Te
             f"logits have shape {_shape(logits)} but labels have shape {_shape(labels)}; "
             "expected labels [B, H, W] with the logits' B, H, W."
         )
+    check_labels(labels, logits.shape[1], ignore_index)
+    labels = labels.long()  # torch's cross-entropy needs int64; uint8 PNG labels are fine here
     total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
     return total / (labels != ignore_index).sum().clamp_min(1)
 
@@ -430,12 +440,18 @@ def ensemble_kl_loss(
     Returns:
         Scalar tensor.
 
+    Raises:
+        ValueError: mismatched shapes, or ``teacher_probs`` that are not probabilities on the
+            pixels that count (e.g. teacher logits; ``metrics.check_probabilities``).
+
     References:
         Landgraf et al., EMUFormer, 2024, Eq. 8 (weighted by w2 = 10 in Eq. 11). Taught in
         notebook 04 (EMUFormer).
     """
     _check_logit_pair(student_logits, teacher_probs, "student_logits", "teacher_probs")
     _check_mask(ignore_mask, student_logits, "ignore_mask")
+    check_probabilities(teacher_probs, dim=1, name="teacher_probs",
+                        valid=None if ignore_mask is None else ~ignore_mask)
     log_ps = F.log_softmax(student_logits.float(), dim=1)
     q = teacher_probs.detach().float()
     kl = F.kl_div(log_ps, q, reduction="none").sum(dim=1)
@@ -702,10 +718,7 @@ def ifvd_loss(
     if labels.shape[0] != fs.shape[0]:
         raise ValueError(f"fs has shape {_shape(fs)} but labels have shape {_shape(labels)}; "
                          "the batch sizes must match.")
-    bad = (labels < 0) | ((labels >= num_classes) & (labels != ignore_index))
-    if bool(bad.any()):
-        raise ValueError(f"labels contain {int(labels[bad][0])}; expected 0..{num_classes - 1} "
-                         f"or {ignore_index} (ignore).")
+    check_labels(labels, num_classes, ignore_index)
     small = F.interpolate(labels[:, None].float(), size=fs.shape[-2:], mode="nearest")
     small = small[:, 0].long()
     ignore = small == ignore_index
@@ -719,8 +732,24 @@ def ifvd_loss(
 # --------------------------------------------------------------------------- training.fit glue
 
 
-def _logits_of(outputs: Tensor | Mapping[str, Tensor]) -> Tensor:
-    return outputs if isinstance(outputs, Tensor) else outputs["logits"]
+def _logits_of(outputs: Tensor | Mapping[str, Tensor], who: str) -> Tensor:
+    """The logits of a model output: a bare tensor, or ``outputs["logits"]``."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    return _outputs_with(outputs, ("logits",), who, "a segmentation model",
+                         "Return logits [B, C, H, W] or a dict with 'logits'.")["logits"]
+
+
+def _outputs_with(outputs: object, keys: tuple[str, ...], who: str, model: str,
+                  hint: str) -> Mapping[str, Tensor]:
+    """``outputs`` if it is a dict holding ``keys``; else a ValueError naming the model needed."""
+    if isinstance(outputs, Mapping) and all(k in outputs for k in keys):
+        return outputs
+    got = (f"a dict with keys {sorted(outputs)}" if isinstance(outputs, Mapping) else
+           f"a {type(outputs).__name__}" + (f" of shape {_shape(outputs)}"
+                                            if isinstance(outputs, Tensor) else ""))
+    raise ValueError(f"{who} needs the output dict of {model} with keys {list(keys)}, but the "
+                     f"model returned {got}. {hint}")
 
 
 def _invalid_pixels(batch: Mapping[str, Tensor], like: Tensor) -> Tensor | None:
@@ -749,10 +778,25 @@ def _invalid_pixels(batch: Mapping[str, Tensor], like: Tensor) -> Tensor | None:
     return ~valid.to(like.device)
 
 
+_GROUND_TRUTH_KEYS = {
+    "mask": "the labels [B, H, W], which every minikd.data dataset gives as 'mask'",
+    "depth": "the ground-truth depth [B, H, W] in metres, which minikd.data's depth datasets "
+             "(ToyCity, NYUv2, Cityscapes) give as 'depth'",
+}
+
+
 def _require(batch: Mapping[str, Tensor], key: str, who: str) -> Tensor:
+    """``batch[key]``, or a ValueError that says where that key comes from."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"{who} needs the batch as a dict (e.g. {{'image', 'mask', ...}} from a "
+                        f"minikd.data dataset); got {type(batch).__name__}.")
     if key not in batch:
+        if key in _GROUND_TRUTH_KEYS:
+            hint = f"It is {_GROUND_TRUTH_KEYS[key]}; use such a dataset or rename your key."
+        else:
+            hint = "Wrap the dataset with the teacher cache (minikd.ensembles.TeacherCache)."
         raise ValueError(f"{who} needs batch[{key!r}], but the batch has keys {sorted(batch)}. "
-                         "Wrap the dataset with the teacher cache (minikd.ensembles.TeacherCache).")
+                         + hint)
     return batch[key]
 
 
@@ -799,14 +843,18 @@ class DistillationLoss:
         if "teacher_logits" in batch:
             teacher = batch["teacher_logits"]
             return teacher, _invalid_pixels(batch, teacher)
-        probs = _require(batch, "teacher_probs", "DistillationLoss").float()
+        cached = _require(batch, "teacher_probs", "DistillationLoss")
+        probs = cached.float()
         invalid = _invalid_pixels(batch, probs)
         if invalid is None:  # no validity map: padded probabilities are all 0
             invalid = probs.sum(dim=1) < 0.5
+        check_probabilities(cached, dim=1, name="batch['teacher_probs']",
+                            valid=~invalid.to(cached.device))
         return probs.clamp_min(1e-8).log(), invalid
 
     def __call__(self, outputs, batch) -> tuple[Tensor, dict[str, Tensor]]:
-        logits, labels = _logits_of(outputs), batch["mask"]
+        logits = _logits_of(outputs, "DistillationLoss")
+        labels = _require(batch, "mask", "DistillationLoss")
         teacher, ignore = self._teacher(batch)
         if self.mask_void:
             void = labels == self.ignore_index
@@ -836,9 +884,14 @@ class DUDESLoss:
         self.ignore_index, self.teacher_key = ignore_index, teacher_key
 
     def __call__(self, outputs, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        outputs = _outputs_with(outputs, ("logits", "uncertainty"), "DUDESLoss",
+                                "a models.DUDESStudent",
+                                "Wrap the segmenter as models.DUDESStudent(segmenter), which adds "
+                                "the uncertainty head; for plain logits use DistillationLoss.")
         target = _require(batch, self.teacher_key, "DUDESLoss")
+        labels = _require(batch, "mask", "DUDESLoss")
         invalid = _invalid_pixels(batch, target)
-        return dudes_loss(outputs["logits"], outputs["uncertainty"], batch["mask"],
+        return dudes_loss(outputs["logits"], outputs["uncertainty"], labels,
                           target.float(), self.ignore_index,
                           unc_mask=None if invalid is None else ~invalid)
 
@@ -862,12 +915,18 @@ class EMUFormerLoss:
         self.weights, self.ignore_index, self.var_key = weights, ignore_index, var_key
 
     def __call__(self, outputs, batch) -> tuple[Tensor, dict[str, Tensor]]:
-        probs = _require(batch, "teacher_probs", "EMUFormerLoss").float()
+        outputs = _outputs_with(outputs, ("logits", "depth", "depth_var"), "EMUFormerLoss",
+                                "a models.SegDepthFormer",
+                                "Train a models.SegDepthFormer (segmentation plus depth with its "
+                                "variance); for plain logits use DistillationLoss.")
+        probs = _require(batch, "teacher_probs", "EMUFormerLoss")  # fp16 kept: its tolerance
         var_t = _require(batch, self.var_key, "EMUFormerLoss").float()
+        labels = _require(batch, "mask", "EMUFormerLoss")
+        depth = _require(batch, "depth", "EMUFormerLoss")
         invalid = _invalid_pixels(batch, probs)
         return _emuformer_terms(
-            outputs["logits"], outputs["depth"], outputs["depth_var"], batch["mask"],
-            batch["depth"], probs, var_t, weights=self.weights, ignore_index=self.ignore_index,
+            outputs["logits"], outputs["depth"], outputs["depth_var"], labels,
+            depth, probs, var_t, weights=self.weights, ignore_index=self.ignore_index,
             depth_valid=None,
             kl_ignore_mask=probs.sum(dim=1) < 0.5 if invalid is None else invalid,
             rmsle_mask=None if invalid is None else ~invalid,
@@ -902,7 +961,12 @@ class ClassWiseUncertaintyLoss:
         self.ignore_index, self.teacher_key = ignore_index, teacher_key
 
     def __call__(self, outputs, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        outputs = _outputs_with(outputs, ("logits", "class_uncertainty"),
+                                "ClassWiseUncertaintyLoss", "a models.ClassWiseUncertaintyStudent",
+                                "Wrap the segmenter as models.ClassWiseUncertaintyStudent("
+                                "segmenter); a DUDESStudent's [B, H, W] map goes with DUDESLoss.")
         target = _require(batch, self.teacher_key, "ClassWiseUncertaintyLoss").float()
+        labels = _require(batch, "mask", "ClassWiseUncertaintyLoss")
         logits = outputs["logits"]
         if target.shape != logits.shape:
             raise ValueError(
@@ -912,6 +976,6 @@ class ClassWiseUncertaintyLoss:
             )
         invalid = _invalid_pixels(batch, target)
         keep = None if invalid is None else (~invalid)[:, None].expand(target.shape)
-        ce = cross_entropy(logits, batch["mask"], self.ignore_index)
+        ce = cross_entropy(logits, labels, self.ignore_index)
         rmsle = rmsle_loss(outputs["class_uncertainty"], target, keep)
         return ce + rmsle, {"ce": ce.detach(), "rmsle": rmsle.detach()}

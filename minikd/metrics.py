@@ -25,10 +25,19 @@ uncertainty [B, H, W] (a single image [H, W] / [C, H, W] is accepted too); ignor
 Every metric pools *pixels* over the whole batch (not a mean of per-image values), except the
 uncertainty threshold of ``uncertainty_accuracy``, which is chosen per image as EMUFormer does.
 Scalar results are Python floats; per-class results are float64 tensors on the CPU.
+
+Bad input fails early with a message that says what was received, never with a NaN or a deep
+torch error. The checks are shared (``check_labels``, ``check_probabilities``; losses.py and
+ensembles.py use them too): labels and predictions may have any integer dtype (uint8 PNGs
+included) but must lie in 0..C-1 (labels may also be ``ignore_index``); probabilities must be
+finite, >= 0 and sum to 1 over the class dim (within 1e-2 for float16, 1e-3 for float32), so
+logits are refused; a ``valid`` mask should be bool (True = use the pixel) and is converted with
+``.bool()`` if it is an integer or floating mask holding only 0 and 1.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import warnings
@@ -41,6 +50,8 @@ __all__ = [
     "SegmentationMeter",
     "auroc",
     "average_precision",
+    "check_labels",
+    "check_probabilities",
     "class_wise_uncertainty",
     "count_flops",
     "count_parameters",
@@ -61,7 +72,7 @@ Threshold = str | float
 
 
 # --------------------------------------------------------------------------------------------
-# input checks shared by every metric
+# input checks shared by every metric (and by losses.py, ensembles.py)
 # --------------------------------------------------------------------------------------------
 def _check_same_shape(**tensors: Tensor) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
@@ -73,19 +84,129 @@ def _check_same_shape(**tensors: Tensor) -> None:
         raise ValueError(f"shape mismatch: {listed}; expected all equal ([B, H, W] or [H, W]).{hint}")
 
 
-def _check_labels(labels: Tensor, num_classes: int, ignore_index: int, name: str = "labels") -> None:
-    if labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"{name} must be an integer tensor, got dtype {labels.dtype}.")
+def _check_integer(t: object, name: str) -> None:
+    """TypeError unless ``t`` is a tensor of an integer dtype (class indices)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of class indices; got "
+                        f"{type(t).__name__}. Convert with torch.as_tensor(...).long().")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        hint = (" If these are class scores [B, C, H, W], take .argmax(1) first."
+                if t.is_floating_point() else "")
+        raise TypeError(f"{name} must be an integer tensor of class indices; got dtype "
+                        f"{t.dtype}. Convert it with {name}.long().{hint}")
+
+
+@torch.no_grad()
+def check_labels(labels: Tensor, num_classes: int, ignore_index: int | None = 255,
+                 name: str = "labels") -> None:
+    """Raise unless ``labels`` holds class indices 0..num_classes-1 (or ``ignore_index``).
+
+    Any integer dtype passes (uint8 label PNGs, int32, int64); the metrics use it as it is, while
+    ``losses.cross_entropy`` converts it with ``.long()`` after this check (torch's loss needs
+    int64). Costs one reduction over the tensor.
+
+    Args:
+        labels: class indices, any shape (e.g. [B, H, W]).
+        num_classes: C.
+        ignore_index: the void label that is also allowed (None: none allowed, e.g. for
+            predictions).
+        name: the argument's name, for the message.
+
+    Raises:
+        TypeError: ``labels`` is not an integer tensor (float, bool or not a tensor).
+        ValueError: a value outside 0..C-1 that is not ``ignore_index``; the message lists the
+            offending values.
+    """
+    _check_integer(labels, name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int; got {num_classes!r}.")
     bad = (labels < 0) | (labels >= num_classes)
     if ignore_index is not None:
         bad &= labels != ignore_index
     if bool(bad.any()):
         values = torch.unique(labels[bad])[:8].tolist()
-        allowed = f"0..{num_classes - 1}" + (f" or {ignore_index} (ignore)" if name == "labels" else "")
+        allowed = f"0..{num_classes - 1}" + (
+            f" or {ignore_index} (ignore)" if ignore_index is not None else "")
         raise ValueError(
             f"{name} contain {values}; expected {allowed}. Did you pass Cityscapes labelIds "
             "instead of trainIds, or set num_classes too small?"
         )
+
+
+_check_labels = check_labels  # the old private name, still used by SegmentationMeter.update
+
+
+def _default_atol(dtype: torch.dtype) -> float:
+    """Tolerance on Σ_c p_c = 1: 1e-2 for float16/bfloat16 (e.g. a TeacherCache), else 1e-3."""
+    return 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
+
+
+@torch.no_grad()
+def check_probabilities(probs: Tensor, dim: int = 1, name: str = "probs",
+                        atol: float | None = None, valid: Tensor | None = None) -> None:
+    """Raise a ValueError unless ``probs`` are finite, non-negative and sum to 1 over ``dim``.
+
+    Catches logits, log-probabilities and unnormalised scores passed where probabilities are
+    expected (they would otherwise give NaN or a plausible but wrong number). Costs a min/max and
+    one sum over the tensor (the sum is accumulated in float32).
+
+    Args:
+        probs: floating tensor, e.g. [B, C, H, W].
+        dim: the class dimension (2 for stacked members [M, B, C, H, W]).
+        name: the argument's name, for the message.
+        atol: allowed |Σ_c p_c − 1|; default 1e-2 for float16/bfloat16 inputs (cached teacher
+            probabilities, rounded to 2**-11 per value) and 1e-3 for float32/float64.
+        valid: optional bool mask of the pixels to check, the shape of ``probs`` without ``dim``
+            (e.g. ``~ignore_mask``); crop padding, whose cached probabilities are all 0, is left
+            out this way.
+
+    Raises:
+        TypeError: ``probs`` is not a floating-point tensor.
+        ValueError: with the range of values and of the sums that was received.
+    """
+    if not isinstance(probs, Tensor) or not probs.is_floating_point():
+        got = f"dtype {probs.dtype}" if isinstance(probs, Tensor) else type(probs).__name__
+        raise TypeError(f"{name} must be a floating-point tensor of probabilities; got {got}.")
+    if probs.numel() == 0:
+        return
+    tol = _default_atol(probs.dtype) if atol is None else float(atol)
+    sums = probs.sum(dim, dtype=torch.promote_types(probs.dtype, torch.float32))
+    if valid is not None:
+        sums = sums[valid.to(sums.device)]
+    lo, hi = (float(v) for v in torch.aminmax(probs))
+    s_lo, s_hi = (float(v) for v in torch.aminmax(sums)) if sums.numel() else (1.0, 1.0)
+    finite = math.isfinite(lo) and math.isfinite(hi) and math.isfinite(s_lo + s_hi)
+    if finite and lo >= 0 and abs(s_lo - 1) <= tol and abs(s_hi - 1) <= tol:
+        return
+    problem = ("contain NaN or inf" if not finite else "contain negative values" if lo < 0
+               else f"do not sum to 1 over dim {dim}")
+    raise ValueError(
+        f"{name} {problem}: got values in [{lo:.4g}, {hi:.4g}] of shape {tuple(probs.shape)}, "
+        f"sums over dim {dim} in [{s_lo:.4g}, {s_hi:.4g}]; expected finite probabilities >= 0 "
+        f"that sum to 1 (within {tol:g}) over dim {dim}. Did you pass logits? Apply "
+        f".softmax({dim}) first (and normalise any other scores)."
+    )
+
+
+def _valid_mask(valid: Tensor, like: Tensor, like_name: str, name: str = "valid") -> Tensor:
+    """The validity mask as bool, the shape of ``like``; ValueError otherwise.
+
+    A bool mask is used as it is; an integer or floating mask holding only 0 and 1 is converted
+    with ``.bool()`` (e.g. ``(labels != 255).float()``); any other value is rejected rather than
+    guessed (0.5 is neither in nor out).
+    """
+    if not isinstance(valid, Tensor):
+        raise TypeError(f"{name} must be a bool tensor (True = use the pixel); got "
+                        f"{type(valid).__name__}.")
+    _check_same_shape(**{like_name: like, name: valid})
+    if valid.dtype == torch.bool:
+        return valid
+    if bool(((valid != 0) & (valid != 1)).any()):
+        values = torch.unique(valid[(valid != 0) & (valid != 1)])[:5].tolist()
+        raise ValueError(f"{name} has dtype {valid.dtype} and holds {values}; expected a bool "
+                         "mask (True = use the pixel), or 0/1 values. Build it with e.g. "
+                         "`labels != 255`.")
+    return valid.bool()
 
 
 def _pixel_maps(*maps: Tensor) -> tuple[Tensor, ...]:
@@ -217,9 +338,8 @@ def _top_label(probs: Tensor, labels: Tensor, ignore_index: int) -> tuple[Tensor
             f"probs {tuple(probs.shape)} and labels {tuple(labels.shape)} do not fit; expected "
             "probs [B, C, H, W] with labels [B, H, W] (or [C, H, W] with [H, W])."
         )
-    if bool((probs < -1e-6).any()) or bool((probs > 1 + 1e-3).any()):
-        raise ValueError("probs are outside [0, 1]; did you pass logits? Apply .softmax(1) first.")
-    _check_labels(labels, probs.shape[1], ignore_index)
+    check_probabilities(probs, dim=1, name="probs")
+    check_labels(labels, probs.shape[1], ignore_index)
     conf, pred = probs.max(1)
     valid = labels != ignore_index
     return conf[valid].float(), (pred[valid] == labels[valid]).float()
@@ -350,6 +470,8 @@ def uncertainty_accuracy(
     """
     uncertainty, pred, labels = _pixel_maps(uncertainty, pred, labels)
     _check_same_shape(uncertainty=uncertainty, pred=pred, labels=labels)
+    _check_integer(pred, "pred")
+    _check_integer(labels, "labels")
     valid = labels != ignore_index
     return _accuracy_vs_certainty(pred == labels, uncertainty, valid, threshold)
 
@@ -366,8 +488,7 @@ def _flat_scores(
     _check_same_shape(scores=scores, positives=positives)
     s, p = scores.reshape(-1), positives.reshape(-1).bool()
     if valid is not None:
-        _check_same_shape(scores=scores, valid=valid)
-        keep = valid.reshape(-1).bool()
+        keep = _valid_mask(valid, scores, "scores").reshape(-1)
         s, p = s[keep], p[keep]
     if bool(s.isnan().any()):
         raise ValueError("scores contain NaN; check the uncertainty map (0·log 0?).")
@@ -538,11 +659,11 @@ def class_wise_uncertainty(
         Landgraf et al., DUDES (2023), Table 2 and Table 4. Taught in notebooks/03_dudes.ipynb.
     """
     _check_same_shape(uncertainty=uncertainty, pred=pred)
-    _check_labels(pred, num_classes, None, name="pred")
+    check_labels(pred, num_classes, None, name="pred")
     u, p = uncertainty.reshape(-1).double(), pred.reshape(-1).long()
     if valid is not None:
-        _check_same_shape(uncertainty=uncertainty, valid=valid)
-        u, p = u[valid.reshape(-1)], p[valid.reshape(-1)]
+        keep = _valid_mask(valid, uncertainty, "uncertainty").reshape(-1)
+        u, p = u[keep], p[keep]
     total = torch.bincount(p, weights=u, minlength=num_classes).cpu()
     count = torch.bincount(p, minlength=num_classes).cpu().double()
     return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
@@ -581,8 +702,8 @@ def removal_curve(
     """
     uncertainty, pred, labels = _pixel_maps(uncertainty, pred, labels)
     _check_same_shape(uncertainty=uncertainty, pred=pred, labels=labels)
-    _check_labels(labels, num_classes, ignore_index)
-    _check_labels(pred, num_classes, None, name="pred")
+    check_labels(labels, num_classes, ignore_index)
+    check_labels(pred, num_classes, None, name="pred")
     fr = torch.as_tensor(fractions, dtype=torch.float64).reshape(-1)
     if bool(((fr < 0) | (fr > 1)).any()):
         raise ValueError(f"fractions must lie in [0, 1], got {fr.tolist()}.")
@@ -633,8 +754,7 @@ def removal_curve_area(fractions: Sequence[float] | Tensor, mious: Sequence[floa
 # --------------------------------------------------------------------------------------------
 def _depth_inputs(pred: Tensor, target: Tensor, valid: Tensor | None) -> tuple[Tensor, ...]:
     _check_same_shape(pred=pred, target=target)
-    valid = target > 0 if valid is None else valid.bool()
-    _check_same_shape(target=target, valid=valid)
+    valid = target > 0 if valid is None else _valid_mask(valid, target, "target")
     if bool((target[valid] <= 0).any()):
         raise ValueError("target depth must be > 0 on valid pixels; mark 0 = invalid in `valid`.")
     return pred.double(), target.double(), valid
@@ -727,9 +847,19 @@ def entropy(probs: Tensor, dim: int = 1) -> Tensor:
     Returns:
         The entropy with ``dim`` reduced, e.g. [B, H, W]; at most log C.
 
+    Raises:
+        ValueError: ``probs`` are not probabilities over ``dim`` (e.g. logits; see
+            ``check_probabilities``).
+
     References:
         EMUFormer Eq. 3 (predictive entropy). Taught in notebooks/03_dudes.ipynb and notebook 04.
     """
+    check_probabilities(probs, dim=dim, name="probs")
+    return _entropy(probs, dim)
+
+
+def _entropy(probs: Tensor, dim: int) -> Tensor:
+    """``entropy`` without the input check."""
     return -torch.special.xlogy(probs, probs).sum(dim)
 
 
@@ -751,8 +881,10 @@ def mutual_information(member_probs: Tensor, dim: int = 1) -> Tensor:
     """
     if member_probs.dim() < 2:
         raise ValueError(f"member_probs must be [M, B, C, ...], got {tuple(member_probs.shape)}.")
-    total = entropy(member_probs.mean(0), dim=dim)
-    aleatoric = entropy(member_probs, dim=dim + 1 if dim >= 0 else dim).mean(0)
+    member_dim = dim + 1 if dim >= 0 else dim
+    check_probabilities(member_probs, dim=member_dim, name="member_probs")
+    total = _entropy(member_probs.mean(0), dim=dim)
+    aleatoric = _entropy(member_probs, dim=member_dim).mean(0)
     return (total - aleatoric).clamp_min(0)
 
 

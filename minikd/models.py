@@ -146,6 +146,13 @@ def check_input(x: object, stride: int, name: str, in_channels: int = 3) -> None
         )
 
 
+def _check_num_classes(num_classes: object, who: str) -> None:
+    """ValueError unless ``num_classes`` is a positive int (the one check every builder uses)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"{who} needs num_classes, a positive int (the number of output "
+                         f"classes, e.g. 19 for Cityscapes); got {num_classes!r}.")
+
+
 # --------------------------------------------------------------------------- encoder weights
 def _hub_offline() -> bool:
     """True when ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set, now or at import."""
@@ -224,16 +231,30 @@ def load_encoder_weights(encoder: nn.Module, weights_path: str | os.PathLike) ->
 
     Raises:
         FileNotFoundError: no such file.
+        ValueError: the file is not a readable state dict (corrupted, or holding pickled Python
+            objects, which are never unpickled: ``weights_only=True``).
     """
     path = Path(weights_path)
     if not path.is_file():
         raise FileNotFoundError(f"weights_path={str(path)!r} does not exist.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling garbage raises almost anything
+        from minikd.training import _load_error_reason
+
+        raise ValueError(
+            f"weights_path={str(path)!r} is not a readable file of encoder weights "
+            f"({_load_error_reason(e)}). Pass a .safetensors file or a plain state dict saved with "
+            "torch.save(model.encoder.state_dict(), path).") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ValueError(
+            f"weights_path={str(path)!r} holds a {type(state).__name__}, not a state dict "
+            "{name: tensor}; save one with torch.save(model.encoder.state_dict(), path).")
     if any(k.startswith("encoder.") for k in state):
         state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     encoder.load_state_dict(state)
@@ -363,8 +384,7 @@ def build_segmenter(arch: str, encoder: str, num_classes: int, pretrained: bool 
     """
     arch = _canonical_arch(arch)
     _check_encoder(encoder)
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int; got {num_classes!r}.")
+    _check_num_classes(num_classes, "build_segmenter")
     if arch == "DeepLabV3Plus" and encoder.startswith("vgg"):  # checked before a slow build
         raise ValueError(f"DeepLabV3Plus cannot use encoder {encoder!r}: it needs a dilated "
                          "(atrous) encoder, and VGG models do not support dilated mode (they "
@@ -426,6 +446,7 @@ class UNet(_ParamGroupsMixin, nn.Module):
     def __init__(self, depth: int, bridge_filters: int, batch_norm: bool = True, *,
                  num_classes: int, in_channels: int = 3):
         super().__init__()
+        _check_num_classes(num_classes, "UNet")
         if depth < 1 or bridge_filters % 2**depth or bridge_filters < 2**depth:
             raise ValueError(f"UNet needs depth >= 1 and bridge_filters a positive multiple of "
                              f"2**depth={2**depth}; got depth={depth}, "
@@ -657,8 +678,7 @@ class SegFormer(_Former):
     def __init__(self, encoder: str = "mit_b0", num_classes: int | None = None,
                  dropout: float = 0.0, pretrained: bool = False,
                  weights_path: str | os.PathLike | None = None, decoder_dim: int | None = None):
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"SegFormer needs num_classes, a positive int; got {num_classes!r}.")
+        _check_num_classes(num_classes, type(self).__name__)
         super().__init__(encoder, dropout, pretrained, weights_path, decoder_dim)
         self.seg_decoder = self._decoder(num_classes)
         self.segmentation_head = self.seg_decoder.head
@@ -811,6 +831,7 @@ def light_unet(encoder: str, num_classes: int, encoder_depth: int = 3,
         U-Net KD paper (unet_kd_ensemble_teachers), §III-B and Table III.
         Taught in notebooks/02_unet_ensemble_weighting.ipynb.
     """
+    _check_num_classes(num_classes, "light_unet")
     decoder_channels = tuple(int(c) for c in decoder_channels)
     if not 3 <= encoder_depth <= 5 or len(decoder_channels) != encoder_depth:
         raise ValueError(f"encoder_depth={encoder_depth} with decoder_channels={decoder_channels}"

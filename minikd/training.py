@@ -55,6 +55,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -292,10 +293,63 @@ def poly_scheduler(optimizer: torch.optim.Optimizer, iterations: int,
 
 
 # =========================================================================== checkpoints
+_TMP_CHARS = "[a-z0-9_]{8}"  # the random part of a tempfile.mkstemp name
+
+
+def _temporary_name(path: Path) -> tuple[str, str]:
+    """(prefix, suffix) of the temporary files ``_atomic_write`` writes ``path`` through."""
+    return f".{path.name}.", ".tmp"
+
+
+def _remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporary files an earlier write of ``path`` left behind when it was killed.
+
+    Only files next to ``path`` named exactly like ``_atomic_write``'s temporaries of this very
+    target (``.<name>.XXXXXXXX.tmp``, or ``<name>XXXXXXXX.tmp`` as older minikd versions wrote
+    teacher caches) are removed; other files, and the temporaries of other targets, are never
+    touched. Assumes one writer per target at a time, as ``fit`` (rank 0) and the cache/zoo
+    writers are.
+
+    Returns:
+        The files removed.
+    """
+    prefix, suffix = _temporary_name(path)
+    pattern = re.compile(f"(?:{re.escape(prefix)}|{re.escape(path.name)}){_TMP_CHARS}"
+                         + re.escape(suffix))
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            if entry.is_file(follow_symlinks=False) and pattern.fullmatch(entry.name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+def _load_error_reason(err: BaseException) -> str:
+    """What went wrong in a ``torch.load(weights_only=True)``, in words, for an error message.
+
+    torch's own message for a file with pickled objects suggests ``weights_only=False``, which
+    would run arbitrary code from the file; minikd never repeats that advice.
+    """
+    if "weights_only" in str(err):  # "Weights only load failed ... weights_only=False ..."
+        return (f"{type(err).__name__}: the safe loader found no plain tensors and containers "
+                "there, only corrupted bytes or pickled Python objects, which minikd never "
+                "unpickles")
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """write(file) into a temporary file next to ``path``, fsync, then rename over ``path``."""
+    """write(file) into a temporary file next to ``path``, fsync, then rename over ``path``.
+
+    Temporary files of the same ``path`` left by an earlier write that was killed half-way are
+    removed first (``_remove_stale_temporaries``).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_stale_temporaries(path)
+    prefix, suffix = _temporary_name(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -334,9 +388,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - garbage bytes make the unpickler raise almost any
         # error (UnpicklingError, EOFError, IndexError, UnicodeDecodeError, ...): say it in words
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(e).__name__}: {first}). It is truncated, "
+            f"{path} is not a readable checkpoint ({_load_error_reason(e)}). It is truncated, "
             "corrupted or not a torch file. Delete it to train from scratch, or pass another "
             "ckpt_dir.") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != _CKPT_FORMAT:
