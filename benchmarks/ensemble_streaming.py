@@ -156,8 +156,8 @@ def bench_meter(args: argparse.Namespace, device: torch.device) -> None:
     def ours_before() -> None:  # SegmentationMeter.update before issue 16, verbatim
         meter.reset()
         pred = probs.argmax(1)
-        metrics._check_labels(labels, c, 255)
-        metrics._check_labels(pred, c, None, name="pred")
+        metrics.check_labels(labels, c, 255)
+        metrics.check_labels(pred, c, None, name="pred")
         valid = labels != 255
         idx = labels[valid].reshape(-1).long() * c + pred[valid].reshape(-1).long()
         meter.confusion += torch.bincount(idx, minlength=c**2).reshape(c, c).cpu()

@@ -133,9 +133,6 @@ def check_labels(labels: Tensor, num_classes: int, ignore_index: int | None = 25
         )
 
 
-_check_labels = check_labels  # the old private name, still used by SegmentationMeter.update
-
-
 def _default_atol(dtype: torch.dtype) -> float:
     """Tolerance on Σ_c p_c = 1: 1e-2 for float16/bfloat16 (e.g. a TeacherCache), else 1e-3."""
     return 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
@@ -301,9 +298,9 @@ class SegmentationMeter:
                                  f"SegmentationMeter({pred.shape[dim]}) or pass the argmax.")
             pred = pred.max(dim).indices  # = argmax(dim), 3-4x faster on a CPU
         _check_same_shape(pred=pred, labels=labels)
-        _check_labels(labels, self.num_classes, self.ignore_index)
+        check_labels(labels, self.num_classes, self.ignore_index)
         if not scores:  # an argmax over num_classes scores is in range by construction
-            _check_labels(pred, self.num_classes, None, name="pred")
+            check_labels(pred, self.num_classes, None, name="pred")
         counts = _confusion(pred, labels, self.num_classes, self.ignore_index)
         self.confusion += counts.cpu()
 
@@ -499,20 +496,26 @@ def _flat_scores(
     return s.double(), p
 
 
-def _binary_curve(scores: Tensor, positives: Tensor) -> tuple[Tensor, Tensor] | None:
+def _binary_curve(scores: Tensor, positives: Tensor, order: Tensor | None = None,
+                  stacklevel: int = 3) -> tuple[Tensor, Tensor] | None:
     """Cumulative true/false positives at each distinct threshold, from the highest score down.
 
     Tied scores enter together (one point per distinct value), which is what makes the
     metrics below exact under ties. Returns None (with a warning) if a class is missing.
+    ``order`` (a descending sort of ``scores``, e.g. shared with the removal curve) saves the
+    sort.
     """
     n_pos = int(positives.sum())
     if n_pos == 0 or n_pos == positives.numel():
         warnings.warn(
             f"{n_pos} positives among {positives.numel()} samples: the metric needs both "
-            "positives and negatives; returning NaN.", stacklevel=3
+            "positives and negatives; returning NaN.", stacklevel=stacklevel
         )
         return None
-    s, order = torch.sort(scores, descending=True)
+    if order is None:
+        s, order = torch.sort(scores, descending=True)
+    else:
+        s = scores[order]
     pos = positives[order].double()
     last_of_run = torch.ones_like(s, dtype=torch.bool)
     last_of_run[:-1] = s[1:] != s[:-1]
@@ -628,7 +631,10 @@ def detection_metrics(
         As ``auroc``, ``average_precision`` and ``fpr_at_95_tpr``. Used by
         ``training.evaluate`` for error and unknown-object detection.
     """
-    curve = _binary_curve(*_flat_scores(scores, positives, valid, max_samples))
+    return _detection_of(_binary_curve(*_flat_scores(scores, positives, valid, max_samples)))
+
+
+def _detection_of(curve: tuple[Tensor, Tensor] | None) -> dict[str, float]:
     if curve is None:
         return dict.fromkeys(("auroc", "ap", "fpr95"), float("nan"))
     return {"auroc": _auroc_of(*curve), "ap": _average_precision_of(*curve),
@@ -709,10 +715,15 @@ def removal_curve(
         raise ValueError(f"fractions must lie in [0, 1], got {fr.tolist()}.")
     valid = labels != ignore_index
     order = torch.sort(uncertainty[valid], descending=True, stable=True).indices
-    p, y = pred[valid][order], labels[valid][order]
-    n = p.numel()
-    mious = [_nanmean(_iou(_confusion(p[round(f * n):], y[round(f * n):], num_classes)))
-             for f in fr.tolist()]
+    return _removal_of(pred[valid][order], labels[valid][order], num_classes, fr.tolist())
+
+
+def _removal_of(pred: Tensor, labels: Tensor, num_classes: int,
+                fractions: Sequence[float]) -> Tensor:
+    """``removal_curve`` of valid pixels already sorted by uncertainty, most uncertain first."""
+    n = pred.numel()
+    mious = [_nanmean(_iou(_confusion(pred[round(f * n):], labels[round(f * n):], num_classes)))
+             for f in fractions]
     return torch.tensor(mious, dtype=torch.float64)
 
 

@@ -845,13 +845,16 @@ class _Evaluation:
 
     def _segmentation(self, out: dict, batch: dict, index: int, with_unc: bool) -> None:
         probs, labels = out["probs"].float(), batch["mask"]
-        pred = out["pred"] if "pred" in out else probs.max(1).indices  # (not evaluated twice)
+        if "pred" in out:  # an ensemble's argmax of the mean
+            pred, conf = out["pred"], probs.max(1).values
+        else:  # one max gives both (max(1) = argmax(1), ties included, and faster on a CPU)
+            conf, pred = probs.max(1)
         if self.meter is None:
             self.num_classes = self.num_classes or probs.shape[1]
             self.meter = self.m.SegmentationMeter(self.num_classes, self.ignore)
         self.meter.update(pred, labels)
         valid = labels != self.ignore
-        conf = probs.max(1).values[valid]
+        conf = conf[valid]
         idx = torch.bucketize(conf, torch.linspace(0, 1, self.n_bins + 1, device=conf.device),
                               right=True) - 1  # same bins as metrics.ece
         for row, w in enumerate((None, conf.double(), (pred == labels)[valid].double())):
@@ -915,15 +918,23 @@ class _Evaluation:
                "class_uncertainty": cls.tolist(), "m_unc": float(cls.nanmean())}
         s = {k: torch.cat([t.reshape(-1) for t in v]) for k, v in self.samples.items()}
         valid = s["labels"] != self.ignore
-        errors = (s["pred"] != s["labels"]) & valid
-        res.update({f"error_{k}": v for k, v in m.detection_metrics(s["unc"], errors,
-                                                                    valid).items()})
-        if "ood" in s:  # one sort per score set, shared by AUROC, AP and FPR@95
+        # One stable sort of the valid pixels' uncertainty serves AUROC, AP, FPR@95 of errors
+        # and the removal curve (metrics.removal_curve breaks ties by this stable order too).
+        unc, pred, labels = s["unc"][valid], s["pred"][valid], s["labels"][valid]
+        if bool(unc.isnan().any()):
+            raise ValueError("the uncertainty map contains NaN on labelled pixels; check the "
+                             "model's uncertainty output (0·log 0?).")
+        order = torch.sort(unc, descending=True, stable=True).indices
+        res.update({f"error_{k}": v for k, v in m._detection_of(
+            m._binary_curve(unc, pred != labels, order, stacklevel=4)).items()})
+        if "ood" in s:  # its own pixels (unknown objects are void in the labels): one sort
             res.update({f"ood_{k}": v for k, v in m.detection_metrics(
                 s["ood_unc"], s["ood"], s["ood_valid"]).items()})
         if fractions is not None:
-            flat = [s[k].reshape(1, 1, -1) for k in ("unc", "pred", "labels")]
-            curve = m.removal_curve(*flat, self.num_classes, fractions, self.ignore)
+            fr = [float(f) for f in fractions]
+            if any(not 0 <= f <= 1 for f in fr):
+                raise ValueError(f"removal_fractions must lie in [0, 1], got {fr}.")
+            curve = m._removal_of(pred[order], labels[order], self.num_classes, fr)
             res["removal_fractions"], res["removal_miou"] = list(fractions), curve.tolist()
         res["pixel_subsample_rate"] = self.rate
         return res
@@ -948,8 +959,6 @@ def _model_outputs(model: nn.Module, x: Tensor, size: torch.Size,
         out["probs"] = F.interpolate(out["probs"].float(), size=size, mode="bilinear",
                                      align_corners=False)
         out.pop("pred", None)
-    if "probs" in out and "pred" not in out:
-        out["pred"] = out["probs"].max(1).indices  # = argmax(1), several times faster on a CPU
     for k in ("uncertainty", "depth", "depth_var"):
         if k in out and out[k].shape[-2:] != size:
             out[k] = F.interpolate(out[k].float()[:, None], size=size, mode="bilinear",

@@ -331,3 +331,20 @@ def test_evaluate_asks_an_ensemble_only_for_what_it_scores():
     assert res == full
     evaluate(spy, loader, C, device="cpu", with_uncertainty=False)
     assert "uncertainty" not in spy.asked[-1]
+
+
+def test_sub_ensemble_forward_streams_and_backpropagates():
+    """In eval mode DeepSubEnsemble.forward goes through StreamingStatistics with gradients on:
+    its in-place shortcuts must not break autograd."""
+    sub = DeepSubEnsemble(nn.Conv2d(3, 8, 1), lambda: nn.Conv2d(8, C, 1), n_heads=3).eval()
+    acc = StreamingStatistics()  # every statistic, including the in-place entropy path
+    x = torch.randn(B, 3, H, W)
+    feats = sub.trunk(x)
+    for head in sub.heads:
+        acc.update(head(feats))
+    out = acc.compute()
+    (out["probs"].sum() + out["uncertainty"].sum() + out["mutual_info"].sum()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in sub.parameters())
+    sub.zero_grad()
+    sub(x)["logits"].sum().backward()
+    assert sub.heads[0].weight.grad is not None
