@@ -1613,13 +1613,18 @@ def train_transforms(crop_size: int | tuple[int, int], scale: tuple[float, float
         crop_size: (h, w) of the crops (e.g. (64, 128) quick; DUDES: 768x768).
         scale: random scale range (papers: 0.5-2.0).
         flip_p: horizontal flip probability.
-        color_jitter: add ColorJitter (image only).
+        color_jitter: add ColorJitter (image only). Default True (the other notebooks rely
+            on it). EMUFormer jitters the *teacher's* input instead and gives the student scale,
+            crop and flip only (§3.3 and §4, Eq. 8): pass ``color_jitter=False`` for its student
+            and put the jitter on the teacher with
+            ``ensembles.TeacherCache(..., teacher_transform=ColorJitter(), teacher_views=K)``.
         normalize: add Normalize with ImageNet statistics (DUDES' code feeds [0, 1] images:
             pass False to follow it).
 
     References:
-        DUDES (Landgraf et al., 2023), EMUFormer (Landgraf et al., 2024).
-        Taught in notebooks/00_toycity_and_data.ipynb.
+        DUDES (Landgraf et al., 2023), EMUFormer (Landgraf et al., 2024) §4 "Data
+        Augmentations". Taught in notebooks/00_toycity_and_data.ipynb and notebook 04
+        (EMUFormer, planned).
     """
     steps: list = [RandomScale(*scale), RandomCrop(crop_size), RandomHorizontalFlip(flip_p)]
     if color_jitter:

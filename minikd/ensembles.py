@@ -889,8 +889,94 @@ def _atomic_save(obj: object, path: Path) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
+# Targets that K > 1 teacher views can be averaged into exactly (see TeacherCache).
+_VIEW_TARGETS = ("probs", "entropy", "depth", "depth_var")
+
+
+def _view_generator(seed: int, index: int, view: int) -> torch.Generator:
+    """The generator of teacher view ``view`` of image ``index``: a function of the three
+    numbers only, so the views are the same for any batch size, worker count or order."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + index) * 1_000_003 + view) % 2**63)
+
+
+def _view_of(transform: Callable[..., dict], sample: dict, generator: torch.Generator) -> dict:
+    """``transform(sample, generator=...)`` (``data.JointTransform``s take one); any other
+    callable runs with torch's global RNG seeded from ``generator`` (restored afterwards)."""
+    try:
+        takes_generator = "generator" in inspect.signature(transform).parameters
+    except (TypeError, ValueError):
+        takes_generator = False
+    if takes_generator:
+        return transform(sample, generator=generator)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(generator.initial_seed())
+        return transform(sample)
+
+
+class _TeacherViews(Dataset):
+    """``{"image": [K, 3, H, W], "index"}``: K teacher views of each sample, each the seeded
+    ``transform`` (colour jitter) and then ``preprocess`` (e.g. Normalize)."""
+
+    def __init__(self, dataset: Dataset, transform: Callable[..., dict], views: int, seed: int,
+                 preprocess: Callable[[dict], dict] | None):
+        self.dataset, self.transform, self.views = dataset, transform, views
+        self.seed, self.preprocess = seed, preprocess
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor | int]:
+        sample = dict(self.dataset[i])
+        index = int(sample.get("index", i))
+        images = []
+        for view in range(self.views):
+            out = _view_of(self.transform, dict(sample), _view_generator(self.seed, index, view))
+            if tuple(out["image"].shape) != tuple(sample["image"].shape):
+                raise ValueError(f"teacher_transform changed the image from "
+                                 f"{tuple(sample['image'].shape)} to {tuple(out['image'].shape)}"
+                                 "; it must act on the colours only (e.g. data.ColorJitter()), "
+                                 "the geometry is applied later by CachedTargets.")
+            images.append((out if self.preprocess is None else self.preprocess(out))["image"])
+        return {"image": torch.stack(images), "index": index}
+
+
+def _view_request(targets: Sequence[str], views: int) -> tuple[str, ...]:
+    """What to ask the teacher for on each view so that K views can be combined."""
+    if views == 1:
+        return tuple(targets)
+    unsupported = [t for t in targets if t not in _VIEW_TARGETS]
+    if unsupported:
+        raise ValueError(f"teacher_views={views} averages only {list(_VIEW_TARGETS)} exactly; "
+                         f"targets {unsupported} have no exact mean over views (a std, a mutual "
+                         "information or logits of K views do not combine). Use teacher_views=1 "
+                         "for them, or cache 'probs' and derive them from it.")
+    need = set(targets) | ({"probs"} if "entropy" in targets else set()) | (
+        {"depth"} if "depth_var" in targets else set())
+    return tuple(t for t in STATISTICS if t in need)
+
+
+def _combine_views(outputs: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """K views' teacher outputs as one teacher over all M·K (member, view) samples: the mean
+    softmax and its entropy, the mean depth and Eq. 10 (the views' mean variance plus the
+    population variance of their means, i.e. Eq. 10 over the M·K samples)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    out: dict[str, Tensor] = {}
+    if "probs" in outputs[0]:
+        probs = torch.stack([o["probs"].float() for o in outputs]).mean(0)
+        out.update(probs=probs, entropy=torch.special.entr(probs).sum(1))
+    if "depth" in outputs[0]:
+        depth = torch.stack([o["depth"].float() for o in outputs])
+        out["depth"] = depth.mean(0)
+        if all("depth_var" in o for o in outputs):
+            var = torch.stack([o["depth_var"].float() for o in outputs])
+            out["depth_var"] = depth_predictive_variance(depth, var)
+    return out
+
+
 class TeacherCache:
-    """The teacher's targets for every UN-augmented training image, computed once and stored.
+    """The teacher's targets for every UN-augmented training image, computed once and stored
+    (optionally averaged over colour-jittered views of it, EMUFormer Eq. 8).
 
     Distillation spends most of its time running the teacher (ten networks for DUDES) on every
     step. Most targets are per-pixel maps, so they can instead be computed once per training
@@ -903,8 +989,25 @@ class TeacherCache:
     flips and crops the cached target equals the teacher run on the augmented image exactly for
     a pointwise teacher, and up to the teacher's receptive field at the crop border for a conv
     teacher (tests/test_ensembles.py measures it); under rescaling the target is the bilinear
-    resize of the teacher's map rather than the teacher's map of the resized image; and the
-    teacher sees no colour jitter. ``uncertainty`` = DUDES std when the teacher is an ensemble.
+    resize of the teacher's map rather than the teacher's map of the resized image.
+    ``uncertainty`` = DUDES std when the teacher is an ensemble.
+
+    **Teacher-side colour jitter (EMUFormer Eq. 8-10).** EMUFormer's teacher sees a colour-
+    jittered image x̃ while the student sees the un-jittered one (its augmentation is scale,
+    crop and flip only: ``data.train_transforms(crop, color_jitter=False)``), so that the
+    teacher's uncertainty on the training images looks more like its test-time uncertainty.
+    With ``teacher_transform=data.ColorJitter()`` every image is jittered ``teacher_views`` = K
+    times before ``preprocess`` and the targets are averaged over the K views as one teacher of
+    M·K samples: ``"probs"`` is the mean over views of the ensemble's mean softmax (= the mean
+    softmax over all member-view pairs), ``"entropy"`` its entropy (Eq. 3), ``"depth"`` the mean
+    of the views' mean depths, and ``"depth_var"`` Eq. 10 over the M·K samples: the mean of the
+    views' σ² plus the variance of their mean depths (law of total variance). Other targets
+    (DUDES std, mutual information, logits) need ``teacher_views=1``. The paper jitters afresh
+    at every step; a cache fixes K views per image, whose mean approximates the teacher's
+    expected target under jitter. View k of the image with index i uses a generator seeded
+    from (``seed``, i, k) only, so the cache is reproducible whatever the batch size or
+    workers (a stochastic teacher such as ``MCDropout`` samples from torch's global RNG: call
+    ``training.set_seed`` first).
     Where a crop reaches past the image, ``data.RandomCrop`` pads every cached target with 0
     (which is no target: zero logits are a uniform distribution) and marks those pixels False in
     the validity map ``"valid"`` that it adds to the sample; every distillation loss object in
@@ -924,6 +1027,13 @@ class TeacherCache:
         preprocess: applied to each sample before the teacher, e.g. ``data.eval_transforms()``
             (Normalize) when the teacher was trained on normalised images.
         num_workers: DataLoader workers for reading the dataset.
+        teacher_transform: colour-only transform of the teacher's input, applied to the
+            [0, 1] image before ``preprocess`` (e.g. ``data.ColorJitter()``); a
+            ``data.JointTransform`` gets a seeded ``generator=``, any other callable runs with
+            torch's RNG seeded. None (default): the teacher sees the plain image.
+        teacher_views: K >= 1 jittered views averaged per image (needs ``teacher_transform``
+            when K > 1).
+        seed: seed of the views.
 
     Attributes:
         targets: ``{name: Tensor [N, ...]}`` on the CPU.
@@ -932,28 +1042,40 @@ class TeacherCache:
 
     References:
         DUDES §3.2 (teacher uncertainty targets); EMUFormer Eq. 8-10 (mean softmax, depth
-        variance targets). Taught in notebooks/03_dudes.ipynb; timed in
-        benchmarks/teacher_cache_training.py.
+        variance targets; jittered teacher input x̃, §3.3). Taught in notebooks/03_dudes.ipynb
+        and notebook 04 (EMUFormer, planned); timed in benchmarks/teacher_cache_training.py.
     """
 
     def __init__(self, teacher: nn.Module, dataset: Dataset, targets: Sequence[str] = ("probs",),
                  *, dtype: torch.dtype = torch.float16, device: str | torch.device | None = None,
                  batch_size: int = 8, preprocess: Callable[[dict], dict] | None = None,
-                 num_workers: int = 0):
+                 num_workers: int = 0, teacher_transform: Callable[..., dict] | None = None,
+                 teacher_views: int = 1, seed: int = 0):
         targets = (targets,) if isinstance(targets, str) else tuple(targets)
         unknown = [t for t in targets if t not in TARGET_KEYS]
         if not targets or unknown:
             raise ValueError(f"targets {list(targets)} contain unknown names {unknown}; choose "
                              f"from {list(TARGET_KEYS)}.")
+        if isinstance(teacher_views, bool) or not isinstance(teacher_views, int) or \
+                teacher_views < 1 or (teacher_views > 1 and teacher_transform is None):
+            raise ValueError(f"teacher_views={teacher_views!r} with teacher_transform="
+                             f"{teacher_transform!r}; expected an int >= 1, and a "
+                             "teacher_transform (e.g. data.ColorJitter()) when it is > 1 (K "
+                             "un-jittered views would all be the same).")
+        request = _view_request(targets, teacher_views)
         device = torch.device(device or "cpu")
         teacher = teacher.to(device)
-        loader = DataLoader(_Preprocessed(dataset, preprocess), batch_size=batch_size,
-                            shuffle=False, num_workers=num_workers)
+        data = _Preprocessed(dataset, preprocess) if teacher_transform is None else \
+            _TeacherViews(dataset, teacher_transform, teacher_views, seed, preprocess)
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         n, start = len(dataset), 0
         self.targets: dict[str, Tensor] = {}
         self.dataset_index = torch.empty(n, dtype=torch.long)
         for batch in loader:
-            out = _teacher_outputs(teacher, batch["image"].to(device), targets)
+            images = batch["image"].to(device)
+            out = _teacher_outputs(teacher, images, targets) if teacher_transform is None else \
+                _combine_views([_teacher_outputs(teacher, images[:, k], request)
+                                for k in range(teacher_views)])
             stop = start + batch["image"].shape[0]
             for name in targets:
                 if name not in out:

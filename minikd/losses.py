@@ -33,16 +33,20 @@ from torch import Tensor
 from minikd.metrics import check_labels, check_probabilities
 
 __all__ = [
+    "DEPTH_LOSSES",
     "KD_CONVENTIONS",
     "ClassWiseUncertaintyLoss",
     "DUDESLoss",
+    "DepthGNLLLoss",
     "DistillationLoss",
     "EMUFormerLoss",
+    "SegDepthLoss",
     "alpha_mix",
     "ce_plus_kd",
     "cross_entropy",
     "cwd_loss",
     "depth_gnll_loss",
+    "depth_regression_loss",
     "dudes_loss",
     "emuformer_loss",
     "ensemble_kl_loss",
@@ -504,6 +508,66 @@ def depth_gnll_loss(
     )
 
 
+DEPTH_LOSSES: tuple[str, ...] = ("gnll", "mse", "huber")
+
+
+def _check_depth_loss(kind: str) -> None:
+    if kind not in DEPTH_LOSSES:
+        raise ValueError(f"depth_loss={kind!r}; expected one of {list(DEPTH_LOSSES)}: 'gnll' "
+                         "(EMUFormer Eq. 6, trains the variance too) or 'mse'/'huber' (the "
+                         "ablations of EMUFormer Tables 9-10, mean only).")
+
+
+def depth_regression_loss(
+    mean: Tensor,
+    var: Tensor | None,
+    target: Tensor,
+    kind: str = "gnll",
+    valid: Tensor | None = None,
+    huber_delta: float = 1.0,
+) -> Tensor:
+    """The depth term of EMUFormer Eq. 7/11: GNLL (Eq. 6), or MSE / Huber (Tables 9-10).
+
+    ``"gnll"`` is ``depth_gnll_loss`` (0.5·(log s² + (y − μ)²/s²), torch's
+    ``F.gaussian_nll_loss`` with ``full=False``); ``"mse"`` is ``F.mse_loss(μ, y)`` and
+    ``"huber"`` ``F.huber_loss(μ, y, delta=huber_delta)``, both on the mean only: the variance
+    ``var`` gets no gradient from them (it may be None). Every mode averages over the valid
+    depth pixels (target > 0 unless ``valid`` says otherwise); no valid pixel -> 0.
+
+    Args:
+        mean: predicted depth μ, [B, H, W].
+        var: predicted variance s², [B, H, W] (required for "gnll", ignored otherwise).
+        target: ground-truth depth y in metres, [B, H, W]; y <= 0 is invalid.
+        kind: one of ``DEPTH_LOSSES``: "gnll", "mse", "huber".
+        valid: bool [B, H, W], True = valid ground truth; ``None`` -> ``target > 0``.
+        huber_delta: δ of the Huber loss (torch's default 1.0; the paper gives none).
+
+    Returns:
+        Scalar tensor.
+
+    References:
+        EMUFormer (Landgraf et al. 2024) Eq. 6, Eq. 7, Eq. 11 and §6.3, Tables 9-10 (MSE and
+        Huber [25] ablations). Taught in notebook 04 (EMUFormer, planned).
+    """
+    _check_depth_loss(kind)
+    if kind == "gnll":
+        if var is None:
+            raise ValueError("depth_loss='gnll' needs the predicted variance s² (the model's "
+                             "'depth_var'); got None. Use kind='mse' for a mean-only model.")
+        return depth_gnll_loss(mean, var, target, valid)
+    _check_same_shape(mean, target, "mean", "target")
+    valid = target > 0 if valid is None else valid
+    if valid.dtype != torch.bool or valid.shape != target.shape:
+        raise ValueError(f"valid has shape {_shape(valid)} and dtype {valid.dtype}; expected "
+                         f"bool of shape {_shape(target)} (True = valid depth).")
+    if not bool(valid.any()):
+        return mean.sum() * 0.0
+    mu, y = mean[valid].float(), target[valid].float()
+    if kind == "mse":
+        return F.mse_loss(mu, y)
+    return F.huber_loss(mu, y, delta=huber_delta)
+
+
 def dudes_loss(
     logits: Tensor,
     uncertainty: Tensor,
@@ -550,12 +614,16 @@ def emuformer_loss(
     ignore_index: int = 255,
     depth_valid: Tensor | None = None,
     kl_ignore_mask: Tensor | None = None,
+    depth_loss: str = "gnll",
+    huber_delta: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """EMUFormer: L = L_CE + w1·L_GNLL + w2·L_KL + w3·L_RMSLE (Eq. 11), w1 = w3 = 1, w2 = 10.
 
     CE on the labels; GNLL of the student's depth mean/variance on ground-truth depth (valid
     pixels); KL(teacher mean softmax ‖ student softmax) (Eq. 8); RMSLE between the student's
     variance s² and the teacher's predictive variance σ² (Eq. 9-10) over every pixel.
+    ``depth_loss="mse"``/``"huber"`` replaces the GNLL by a mean-only loss (Tables 9-10; see
+    ``EMUFormerLoss`` for what trains the variance then); w1 weights whichever depth term.
 
     Args:
         logits: [B, C, H, W] student logits.
@@ -569,9 +637,12 @@ def emuformer_loss(
         ignore_index: label ignored by the CE.
         depth_valid: bool [B, H, W] True = valid depth; ``None`` -> ``depth_target > 0``.
         kl_ignore_mask: optional bool [B, H, W], True = leave out of the KL.
+        depth_loss: "gnll" (Eq. 6), "mse" or "huber" (``depth_regression_loss``).
+        huber_delta: δ of the Huber loss.
 
     Returns:
-        (total, {"ce", "gnll", "kl", "rmsle"}) — the terms unweighted and detached.
+        (total, {"ce", depth_loss, "kl", "rmsle"}) — the terms unweighted and detached; the
+        depth term is keyed by its kind ("gnll" by default).
 
     References:
         Landgraf et al., EMUFormer, 2024, Eq. 6, 8, 9, 11. Taught in
@@ -580,25 +651,26 @@ def emuformer_loss(
     return _emuformer_terms(logits, depth, depth_var, labels, depth_target, teacher_probs,
                             teacher_depth_var, weights=weights, ignore_index=ignore_index,
                             depth_valid=depth_valid, kl_ignore_mask=kl_ignore_mask,
-                            rmsle_mask=None)
+                            rmsle_mask=None, depth_loss=depth_loss, huber_delta=huber_delta)
 
 
 def _emuformer_terms(
     logits: Tensor, depth: Tensor, depth_var: Tensor, labels: Tensor, depth_target: Tensor,
     teacher_probs: Tensor, teacher_depth_var: Tensor, *, weights: tuple[float, float, float],
     ignore_index: int, depth_valid: Tensor | None, kl_ignore_mask: Tensor | None,
-    rmsle_mask: Tensor | None,
+    rmsle_mask: Tensor | None, depth_loss: str = "gnll", huber_delta: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``emuformer_loss`` with a mask for the RMSLE too (``rmsle_mask``: True = valid), which
     ``EMUFormerLoss`` uses to leave crop padding out of the variance term."""
     w1, w2, w3 = weights
     terms = {
         "ce": cross_entropy(logits, labels, ignore_index),
-        "gnll": depth_gnll_loss(depth, depth_var, depth_target, depth_valid),
+        depth_loss: depth_regression_loss(depth, depth_var, depth_target, depth_loss,
+                                          depth_valid, huber_delta),
         "kl": ensemble_kl_loss(logits, teacher_probs, kl_ignore_mask),
         "rmsle": rmsle_loss(depth_var, teacher_depth_var, rmsle_mask),
     }
-    total = terms["ce"] + w1 * terms["gnll"] + w2 * terms["kl"] + w3 * terms["rmsle"]
+    total = terms["ce"] + w1 * terms[depth_loss] + w2 * terms["kl"] + w3 * terms["rmsle"]
     return total, {k: v.detach() for k, v in terms.items()}
 
 
@@ -896,6 +968,80 @@ class DUDESLoss:
                           unc_mask=None if invalid is None else ~invalid)
 
 
+_DEPTH_MODEL_HINT = ("Train a models.DepthFormer or models.SegDepthFormer, whose output dict "
+                     "holds the depth mean 'depth' and its variance 'depth_var'.")
+
+
+class DepthGNLLLoss:
+    """``loss_fn(outputs, batch)`` for a ``models.DepthFormer``: the GNLL of Eq. 6 alone.
+
+    Reads ``outputs["depth"]``, ``outputs["depth_var"]`` and ``batch["depth"]``; pixels with
+    ground-truth depth <= 0 (invalid, and the crop padding, padded with 0) are left out.
+
+    Returns (when called):
+        (loss, {"gnll": ...}), the term detached.
+
+    References:
+        EMUFormer (Landgraf et al. 2024) §3.2.2, Eq. 6. Taught in notebook 04 (EMUFormer,
+        planned).
+    """
+
+    def __call__(self, outputs, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        outputs = _outputs_with(outputs, ("depth", "depth_var"), "DepthGNLLLoss",
+                                "a models.DepthFormer", _DEPTH_MODEL_HINT)
+        target = _require(batch, "depth", "DepthGNLLLoss")
+        gnll = depth_gnll_loss(outputs["depth"], outputs["depth_var"], target)
+        return gnll, {"gnll": gnll.detach()}
+
+
+class SegDepthLoss:
+    """``loss_fn(outputs, batch)`` for the SegDepthFormer baseline: L = L_CE + w1·L_GNLL (Eq. 7).
+
+    Reads ``outputs["logits"|"depth"|"depth_var"]``, ``batch["mask"]`` and ``batch["depth"]``.
+    The CE skips void labels (255, also the crop padding); the depth term skips pixels with
+    ground-truth depth <= 0 (invalid, and the padding).
+
+    ``depth_loss="mse"``/``"huber"`` (EMUFormer Tables 9-10) put a mean-only loss in place of
+    the GNLL. Without distillation nothing else trains the variance: its head gets no gradient
+    and ``depth_var`` stays at its initialisation, so it is no uncertainty. Use those modes with
+    ``EMUFormerLoss`` (where the RMSLE to the teacher trains the variance), or for a baseline
+    whose depth uncertainty you do not read.
+
+    Args:
+        w1: weight of the depth term; the paper sets 1 ("both loss values are of similar
+            magnitude").
+        depth_loss: "gnll" (Eq. 6, default), "mse" or "huber" (``depth_regression_loss``).
+        ignore_index: label ignored by the CE.
+        huber_delta: δ of the Huber loss (torch's default 1.0).
+
+    Returns (when called):
+        (loss, {"ce": ..., depth_loss: ...}), terms unweighted and detached.
+
+    References:
+        EMUFormer (Landgraf et al. 2024) §3.2.3, Eq. 7; §6.3, Tables 9-10. Taught in notebook 04
+        (EMUFormer, planned).
+    """
+
+    def __init__(self, w1: float = 1.0, depth_loss: str = "gnll", ignore_index: int = 255,
+                 huber_delta: float = 1.0) -> None:
+        _check_depth_loss(depth_loss)
+        if not float(w1) >= 0:
+            raise ValueError(f"w1={w1!r}; expected a depth weight >= 0 (the paper uses 1).")
+        self.w1, self.depth_loss = w1, depth_loss
+        self.ignore_index, self.huber_delta = ignore_index, huber_delta
+
+    def __call__(self, outputs, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        outputs = _outputs_with(outputs, ("logits", "depth", "depth_var"), "SegDepthLoss",
+                                "a models.SegDepthFormer", _DEPTH_MODEL_HINT.replace(
+                                    "models.DepthFormer or ", ""))
+        labels = _require(batch, "mask", "SegDepthLoss")
+        target = _require(batch, "depth", "SegDepthLoss")
+        ce = cross_entropy(outputs["logits"], labels, self.ignore_index)
+        depth = depth_regression_loss(outputs["depth"], outputs["depth_var"], target,
+                                      self.depth_loss, None, self.huber_delta)
+        return ce + self.w1 * depth, {"ce": ce.detach(), self.depth_loss: depth.detach()}
+
+
 class EMUFormerLoss:
     """``loss_fn(outputs, batch)`` for the EMUFormer student (``emuformer_loss``).
 
@@ -906,13 +1052,33 @@ class EMUFormerLoss:
     the pixels whose cached teacher probabilities sum to < 0.5 and the RMSLE keeps every pixel
     (as before). The GNLL skips padding by itself (ground-truth depth is padded with 0).
 
+    ``depth_loss="mse"`` or ``"huber"`` is the ablation of EMUFormer §6.3 (Tables 9-10): the
+    GNLL is *replaced* by a loss on the depth mean only, weighted by w1. The variance head then
+    gets no gradient from the ground truth; it is trained by the RMSLE to the teacher's
+    predictive variance σ² (Eq. 9-10, weight w3) alone, i.e. it learns the teacher's
+    uncertainty and nothing implicit. The paper finds GNLL better on every depth metric (it lets
+    the distilled variance weight the depth errors), so "gnll" stays the default.
+
+    Args:
+        weights: (w1, w2, w3) of Eq. 11; the paper uses (1, 10, 1).
+        ignore_index: label ignored by the CE.
+        var_key: batch key of the teacher's predictive variance σ².
+        depth_loss: "gnll" (Eq. 6, default), "mse" or "huber" (``depth_regression_loss``).
+        huber_delta: δ of the Huber loss (torch's default 1.0; the paper gives none).
+
+    Returns (when called):
+        (loss, {"ce", depth_loss, "kl", "rmsle"}), terms unweighted and detached.
+
     References:
-        EMUFormer Eq. 11. Taught in notebook 04 (EMUFormer).
+        EMUFormer Eq. 11, §6.3, Tables 9-10. Taught in notebook 04 (EMUFormer, planned).
     """
 
     def __init__(self, weights: tuple[float, float, float] = (1.0, 10.0, 1.0),
-                 ignore_index: int = 255, var_key: str = "teacher_depth_var") -> None:
+                 ignore_index: int = 255, var_key: str = "teacher_depth_var",
+                 depth_loss: str = "gnll", huber_delta: float = 1.0) -> None:
+        _check_depth_loss(depth_loss)
         self.weights, self.ignore_index, self.var_key = weights, ignore_index, var_key
+        self.depth_loss, self.huber_delta = depth_loss, huber_delta
 
     def __call__(self, outputs, batch) -> tuple[Tensor, dict[str, Tensor]]:
         outputs = _outputs_with(outputs, ("logits", "depth", "depth_var"), "EMUFormerLoss",
@@ -930,6 +1096,7 @@ class EMUFormerLoss:
             depth_valid=None,
             kl_ignore_mask=probs.sum(dim=1) < 0.5 if invalid is None else invalid,
             rmsle_mask=None if invalid is None else ~invalid,
+            depth_loss=self.depth_loss, huber_delta=self.huber_delta,
         )
 
 

@@ -15,6 +15,7 @@ metric                                 used by
 ``removal_curve(_area)``               DUDES Fig. 4 (mIoU after dropping uncertain pixels)
 ``depth_metrics``,                     EMUFormer §4: RMSE, AbsRel, δ1/δ2/δ3 and Eq. 13
 ``depth_uncertainty_accuracy``
+``sparsification_curve`` / ``ause``    depth uncertainty ranking (Ilg et al. 2018, Poggi 2020)
 ``entropy`` / ``mutual_information``   total and epistemic uncertainty of an ensemble
 ``count_parameters`` / ``count_flops``  DUDES Table 3, EMUFormer Table 1
 / ``time_inference``
@@ -37,6 +38,7 @@ logits are refused; a ``valid`` mask should be bool (True = use the pixel) and i
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -49,6 +51,7 @@ from torch import Tensor, nn
 __all__ = [
     "SegmentationMeter",
     "auroc",
+    "ause",
     "average_precision",
     "check_labels",
     "check_probabilities",
@@ -64,6 +67,7 @@ __all__ = [
     "mutual_information",
     "removal_curve",
     "removal_curve_area",
+    "sparsification_curve",
     "time_inference",
     "uncertainty_accuracy",
 ]
@@ -843,6 +847,129 @@ def depth_uncertainty_accuracy(
     accurate = torch.zeros_like(valid)
     accurate[valid] = _ratio(pred_depth[valid], target[valid]) < 1.25
     return _accuracy_vs_certainty(accurate, uncertainty, valid, threshold)
+
+
+_SPARSIFICATION_ERRORS = ("rmse", "abs_rel")
+
+
+def _fractions(fractions: Sequence[float] | Tensor | None) -> list[float]:
+    """Validated removal fractions in [0, 1), strictly increasing (default 0, 0.05, ..., 0.95)."""
+    fr = [i / 20 for i in range(20)] if fractions is None else \
+        torch.as_tensor(fractions, dtype=torch.float64).reshape(-1).tolist()
+    increasing = all(a < b for a, b in itertools.pairwise(fr))
+    if len(fr) < 2 or any(not 0 <= f < 1 for f in fr) or not increasing:
+        raise ValueError(f"fractions={fr}; expected at least two strictly increasing fractions "
+                         "in [0, 1) (1 would remove every pixel), e.g. [0, 0.1, ..., 0.9].")
+    return fr
+
+
+def _pixel_errors(p: Tensor, t: Tensor, error: str) -> Tensor:
+    """Per-pixel error whose mean gives the metric: squared error (RMSE) or |p − t|/t."""
+    if error not in _SPARSIFICATION_ERRORS:
+        raise ValueError(f"error={error!r}; expected one of {list(_SPARSIFICATION_ERRORS)}.")
+    return (p - t) ** 2 if error == "rmse" else (p - t).abs() / t
+
+
+def _sparsified(err: Tensor, key: Tensor, fractions: Sequence[float], error: str) -> Tensor:
+    """One image: the metric of the pixels left after removing the floor(f·n) largest ``key``."""
+    e = err[torch.sort(key, descending=True, stable=True).indices]
+    suffix = e.flip(0).cumsum(0).flip(0)  # suffix[k] = Σ e[k:], the pixels kept
+    n = e.numel()
+    removed = torch.tensor([math.floor(f * n) for f in fractions])
+    mean = suffix[removed] / (n - removed).double()
+    return mean.sqrt() if error == "rmse" else mean
+
+
+@torch.no_grad()
+def sparsification_curve(
+    pred_depth: Tensor,
+    target: Tensor,
+    uncertainty: Tensor | None,
+    fractions: Sequence[float] | Tensor | None = None,
+    valid: Tensor | None = None,
+    error: str = "rmse",
+) -> Tensor:
+    """Depth error of the pixels kept after removing the most uncertain ones, per fraction.
+
+    Per image, the valid pixels are sorted by uncertainty, most uncertain first (ties broken by a
+    stable sort, in row-major order), and for each fraction f the first floor(f·n) are removed;
+    the error (RMSE or AbsRel) of the remaining pixels is computed, and the curve is the mean of
+    these per-image errors over the images that have valid pixels. ``uncertainty=None`` gives
+    the *oracle* curve, which removes the pixels with the largest true error first (the best any
+    uncertainty can do). The errors are not normalised by the value at f = 0.
+
+    Args:
+        pred_depth: predicted depth [B, H, W] or [H, W].
+        target: true depth, same shape.
+        uncertainty: same shape (e.g. the predictive variance), or None for the oracle.
+        fractions: strictly increasing fractions in [0, 1); default 0, 0.05, ..., 0.95.
+        valid: bool mask, same shape; default ``target > 0``.
+        error: "rmse" or "abs_rel".
+
+    Returns:
+        float64 tensor [len(fractions)] (NaN if no image has a valid pixel).
+
+    References:
+        Ilg et al., "Uncertainty Estimates and Multi-Hypotheses Networks for Optical Flow"
+        (ECCV 2018), sparsification plots; Poggi et al., "On the Uncertainty of Self-Supervised
+        Monocular Depth Estimation" (CVPR 2020), AUSE per image. A depth-uncertainty check to
+        go with EMUFormer §4. Taught in notebook 04 (EMUFormer, planned).
+    """
+    fr = _fractions(fractions)
+    if valid is None:
+        valid = target > 0
+    maps = (pred_depth, target, valid) if uncertainty is None else \
+        (pred_depth, target, valid, uncertainty)
+    pred_depth, target, valid, *rest = _pixel_maps(*maps)
+    if rest:
+        _check_same_shape(pred_depth=pred_depth, target=target, uncertainty=rest[0])
+    pred_depth, target, valid = _depth_inputs(pred_depth, target, valid)
+    curves = []
+    for i in range(pred_depth.shape[0]):
+        keep = valid[i]
+        if not bool(keep.any()):
+            continue
+        err = _pixel_errors(pred_depth[i][keep], target[i][keep], error)
+        key = err if not rest else rest[0][i][keep].double()
+        if bool(key.isnan().any()):
+            raise ValueError("the uncertainty map contains NaN on valid depth pixels.")
+        curves.append(_sparsified(err, key, fr, error))
+    if not curves:
+        return torch.full((len(fr),), float("nan"), dtype=torch.float64)
+    return torch.stack(curves).mean(0)
+
+
+@torch.no_grad()
+def ause(
+    pred_depth: Tensor,
+    target: Tensor,
+    uncertainty: Tensor,
+    fractions: Sequence[float] | Tensor | None = None,
+    valid: Tensor | None = None,
+    error: str = "rmse",
+) -> float:
+    """Area Under the Sparsification Error: area between the uncertainty and oracle curves.
+
+    AUSE = ∫ (curve(f) − oracle(f)) df / (f_max − f_min), by the trapezoid rule over
+    ``fractions`` (``sparsification_curve`` with and without the uncertainty), i.e. the mean gap
+    over the fraction range, in the units of the error (metres for RMSE). 0 = the uncertainty
+    ranks the pixels as well as their true errors do; lower is better.
+
+    Args:
+        pred_depth, target, uncertainty, fractions, valid, error: as ``sparsification_curve``.
+
+    Returns:
+        AUSE as a float (NaN if no valid pixel).
+
+    References:
+        Ilg et al. (ECCV 2018); Poggi et al. (CVPR 2020). Taught in notebook 04 (EMUFormer,
+        planned).
+    """
+    fr = _fractions(fractions)
+    gap = (sparsification_curve(pred_depth, target, uncertainty, fr, valid, error)
+           - sparsification_curve(pred_depth, target, None, fr, valid, error))
+    f = torch.tensor(fr, dtype=torch.float64)
+    return float(torch.trapezoid(gap, f) / (f[-1] - f[0]))
 
 
 # --------------------------------------------------------------------------------------------

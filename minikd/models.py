@@ -81,6 +81,7 @@ __all__ = [
     "load_encoder_weights",
     "param_groups",
     "pretrained",
+    "set_encoder_dropout",
     "unet_family",
     "zoo_entry",
     "zoo_manifest",
@@ -628,8 +629,43 @@ def _depth_outputs(raw: Tensor, x: Tensor) -> dict[str, Tensor]:
     return {"depth": F.relu(raw[:, 0]), "depth_var": F.softplus(raw[:, 1])}
 
 
+def set_encoder_dropout(encoder: nn.Module, p: float) -> int:
+    """Give every ``nn.Dropout*`` layer of ``encoder`` the rate ``p``; returns how many.
+
+    smp builds its MiT encoders from a fixed parameter table with ``drop_rate`` and
+    ``attn_drop_rate`` 0 (``get_encoder`` passes no keyword to them), but it still creates the
+    layers: ``Mlp.drop`` and ``Attention.proj_drop`` (``drop_rate``) and ``Attention.attn_drop``
+    (``attn_drop_rate``) in every block. ``nn.Dropout`` reads ``self.p`` at each forward, so
+    setting ``p`` after construction equals building the encoder with
+    ``drop_rate = attn_drop_rate = p``, without depending on smp's constructor. Stochastic depth
+    (``DropPath``, smp's drop_path_rate 0.1) is left as built: it is not an ``nn.Dropout`` and
+    ``ensembles.MCDropout`` does not switch it on. An encoder without dropout layers (e.g. a
+    ResNet) is left unchanged (returns 0).
+
+    Args:
+        encoder: the encoder module.
+        p: dropout rate in [0, 1).
+
+    Returns:
+        The number of dropout layers set.
+
+    References:
+        EMUFormer (Landgraf et al. 2024) §4 "Monte Carlo Dropout" (dropout "throughout the entire
+        network", rates 20 % and 50 %). Taught in notebook 04 (EMUFormer, planned).
+    """
+    layers = [m for m in encoder.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    for layer in layers:
+        layer.p = float(p)
+    return len(layers)
+
+
 class _Former(_ParamGroupsMixin, nn.Module):
-    """A hierarchical encoder (MiT by default, via smp) plus all-MLP decoders built by subclasses."""
+    """A hierarchical encoder (MiT by default, via smp) plus all-MLP decoders built by subclasses.
+
+    ``dropout`` reaches the whole network: the decoders' ``Dropout2d`` and every dropout layer
+    of the encoder (``set_encoder_dropout``: MiT's attention, projection and MLP dropout), so
+    MC dropout samples the encoder too (EMUFormer §4).
+    """
 
     def __init__(self, encoder: str, dropout: float, pretrained: bool,
                  weights_path: str | os.PathLike | None, decoder_dim: int | None):
@@ -642,6 +678,7 @@ class _Former(_ParamGroupsMixin, nn.Module):
         except (ValueError, KeyError) as err:
             raise ValueError(f"cannot build encoder {encoder!r}: {err}") from err
         _init_encoder(self.encoder, encoder, pretrained, weights_path)
+        set_encoder_dropout(self.encoder, dropout)
         self.stage_channels = list(self.encoder.out_channels[-4:])
         big = encoder.startswith("mit_b") and encoder not in ("mit_b0", "mit_b1")
         self.decoder_dim = decoder_dim or (768 if big else 256)
@@ -664,7 +701,8 @@ class SegFormer(_Former):
     Args:
         encoder: "mit_b0".."mit_b5" (EMUFormer uses mit_b2) or another smp encoder name.
         num_classes: output classes.
-        dropout: decoder dropout rate (for MC dropout; EMUFormer compares 0.2 and 0.5).
+        dropout: dropout rate of the decoder and of every encoder dropout layer (for MC
+            dropout; EMUFormer compares 0.2 and 0.5; see ``set_encoder_dropout``).
         pretrained: ImageNet encoder weights (see ``build_segmenter``).
         weights_path: local encoder state dict instead of the hub.
         decoder_dim: decoder embedding dim; default 256 for mit_b0/b1 and other encoders, 768

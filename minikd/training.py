@@ -809,14 +809,16 @@ class _Evaluation:
     """Streaming sums for every metric of ``evaluate``; bounded memory (pixel subsample)."""
 
     def __init__(self, num_classes: int | None, ignore_index: int, n_bins: int,
-                 max_pixels: int, n_items: int | None):
+                 max_pixels: int, n_items: int | None, seg_uncertainty: str = "auto"):
         from minikd import metrics
 
         self.m, self.num_classes, self.ignore = metrics, num_classes, ignore_index
+        self.seg_uncertainty = seg_uncertainty
         self.n_bins, self.max_pixels, self.n_items = n_bins, max_pixels, n_items
         self.meter = None
         self.ece_sums = torch.zeros(3, n_bins + 1, dtype=torch.float64)  # count, conf, acc
         self.counts = dict.fromkeys(("n_ac", "n_au", "n_ic", "n_iu"), 0)
+        self.depth_counts: dict[str, int] = {}  # the same four counts for depth (Eq. 13)
         self.unc_sum = self.unc_count = None
         self.samples: dict[str, list[Tensor]] = {}
         self.depth: dict[str, float] = {}
@@ -841,7 +843,7 @@ class _Evaluation:
         if "probs" in out and "mask" in batch:
             self._segmentation(out, batch, index, with_uncertainty)
         if "depth" in out and "depth" in batch:
-            self._depth(out, batch)
+            self._depth(out, batch, with_uncertainty)
 
     def _segmentation(self, out: dict, batch: dict, index: int, with_unc: bool) -> None:
         probs, labels = out["probs"].float(), batch["mask"]
@@ -859,9 +861,22 @@ class _Evaluation:
                               right=True) - 1  # same bins as metrics.ece
         for row, w in enumerate((None, conf.double(), (pred == labels)[valid].double())):
             self.ece_sums[row] += torch.bincount(idx, weights=w, minlength=self.n_bins + 1).cpu()
+        unc = self._segmentation_uncertainty(out, probs) if with_unc else None
+        if unc is not None:
+            self._uncertainty(unc, pred, labels, batch.get("ood_mask"), index)
+
+    def _segmentation_uncertainty(self, out: dict, probs: Tensor) -> Tensor | None:
+        """The score of ``evaluate(seg_uncertainty=...)``: the predictive entropy of the (mean)
+        softmax ``probs`` (EMUFormer Eq. 3), or ``out["uncertainty"]`` (None if absent)."""
+        if self.seg_uncertainty == "entropy":
+            return torch.special.entr(probs).sum(1)  # -Σ p log p, 0·log 0 = 0
         unc = out.get("uncertainty")
-        if with_unc and unc is not None:
-            self._uncertainty(unc.float(), pred, labels, batch.get("ood_mask"), index)
+        if unc is None and self.seg_uncertainty == "uncertainty":
+            raise ValueError(f"evaluate(seg_uncertainty='uncertainty') but the model's output "
+                             f"has keys {sorted(out)}, no 'uncertainty' (an ensemble's DUDES "
+                             "std or a DUDES student's head). Use seg_uncertainty='entropy' for "
+                             "the entropy of the softmax, or 'auto' to skip it.")
+        return None if unc is None else unc.float()
 
     def _uncertainty(self, unc: Tensor, pred: Tensor, labels: Tensor, ood: Tensor | None,
                      index: int) -> None:
@@ -879,7 +894,7 @@ class _Evaluation:
             ood = ood.bool()
             self._sample(keep, ood_unc=unc, ood=ood, ood_valid=ood | (labels != self.ignore))
 
-    def _depth(self, out: dict, batch: dict) -> None:
+    def _depth(self, out: dict, batch: dict, with_unc: bool) -> None:
         pred, target = out["depth"].float(), batch["depth"].float()
         valid = target > 0
         n = int(valid.sum())
@@ -891,6 +906,11 @@ class _Evaluation:
         acc["sq"] = acc.get("sq", 0.0) + d["rmse"] ** 2 * n
         for k in ("abs_rel", "delta1", "delta2", "delta3"):
             acc[k] = acc.get(k, 0.0) + d[k] * n
+        if with_unc and "depth_var" in out:  # δ1-accurate vs certain (per-image mean, Eq. 13)
+            counts = self.m.depth_uncertainty_accuracy(pred, target, out["depth_var"].float(),
+                                                       valid)
+            for k in ("n_ac", "n_au", "n_ic", "n_iu"):
+                self.depth_counts[k] = self.depth_counts.get(k, 0) + counts[k]
 
     def compute(self, removal_fractions: Sequence[float] | None) -> dict[str, Any]:
         res: dict[str, Any] = {}
@@ -906,15 +926,14 @@ class _Evaluation:
             res["depth_rmse"] = math.sqrt(self.depth["sq"] / n)
             res.update({f"depth_{k}": self.depth[k] / n
                         for k in ("abs_rel", "delta1", "delta2", "delta3")})
+        if self.depth_counts:
+            res.update({f"depth_{k}": v for k, v in _pavpu(self.depth_counts).items()})
         return res
 
     def _uncertainty_results(self, fractions: Sequence[float] | None) -> dict[str, Any]:
-        c, m = self.counts, self.m
-        ratio = (lambda a, b: a / b if b else math.nan)
+        m = self.m
         cls = torch.where(self.unc_count > 0, self.unc_sum / self.unc_count.clamp_min(1), math.nan)
-        res = {"p_accurate_certain": ratio(c["n_ac"], c["n_ac"] + c["n_ic"]),
-               "p_uncertain_inaccurate": ratio(c["n_iu"], c["n_ic"] + c["n_iu"]),
-               "pavpu": ratio(c["n_ac"] + c["n_iu"], sum(c.values())),
+        res = {**_pavpu(self.counts),
                "class_uncertainty": cls.tolist(), "m_unc": float(cls.nanmean())}
         s = {k: torch.cat([t.reshape(-1) for t in v]) for k, v in self.samples.items()}
         valid = s["labels"] != self.ignore
@@ -938,6 +957,17 @@ class _Evaluation:
             res["removal_fractions"], res["removal_miou"] = list(fractions), curve.tolist()
         res["pixel_subsample_rate"] = self.rate
         return res
+
+
+def _pavpu(c: Mapping[str, int]) -> dict[str, float]:
+    """p(accurate|certain), p(uncertain|inaccurate), PAvPU of summed counts (NaN for 0/0)."""
+    ratio = (lambda a, b: a / b if b else math.nan)
+    return {"p_accurate_certain": ratio(c["n_ac"], c["n_ac"] + c["n_ic"]),
+            "p_uncertain_inaccurate": ratio(c["n_iu"], c["n_ic"] + c["n_iu"]),
+            "pavpu": ratio(c["n_ac"] + c["n_iu"], sum(c.values()))}
+
+
+SEG_UNCERTAINTY: tuple[str, ...] = ("auto", "entropy", "uncertainty")
 
 
 def _model_outputs(model: nn.Module, x: Tensor, size: torch.Size,
@@ -971,7 +1001,8 @@ def evaluate(model_or_ensemble: nn.Module, loader: DataLoader, num_classes: int 
              *, device: str | torch.device | None = None, ignore_index: int = 255,
              ood: bool = False, with_uncertainty: bool = True, n_bins: int = 15,
              max_pixels: int = 2_000_000,
-             removal_fractions: Sequence[float] | None = None) -> dict[str, Any]:
+             removal_fractions: Sequence[float] | None = None,
+             seg_uncertainty: str = "auto") -> dict[str, Any]:
     """Every metric of the notebooks in one pass over ``loader`` (eval mode, no gradients).
 
     Works with a plain segmenter (logits), a DUDES student (``{"logits", "uncertainty"}``), an
@@ -981,8 +1012,11 @@ def evaluate(model_or_ensemble: nn.Module, loader: DataLoader, num_classes: int 
 
     Exact over all pixels (streaming): mIoU, IoU, pixel accuracy, ECE, p(accurate|certain),
     p(uncertain|inaccurate), PAvPU (per-image mean threshold), class-wise uncertainty, depth
-    metrics. Over a deterministic pixel subsample when the data set has more than
-    ``max_pixels`` pixels: AUROC/AP/FPR@95 of errors and of unknown objects, the removal curve.
+    metrics and, when the model yields "depth_var", the same three for depth (a pixel is
+    accurate when δ1 = max(μ/y, y/μ) < 1.25, EMUFormer Eq. 13; certain when its variance is
+    below its image's mean variance). Over a deterministic pixel subsample when the data set
+    has more than ``max_pixels`` pixels: AUROC/AP/FPR@95 of errors and of unknown objects, the
+    removal curve.
 
     Args:
         model_or_ensemble: the model; it is moved to ``device`` and its train/eval mode restored.
@@ -991,34 +1025,47 @@ def evaluate(model_or_ensemble: nn.Module, loader: DataLoader, num_classes: int 
         device: default "cuda" if available, else "cpu".
         ignore_index: void label.
         ood: require "ood_mask" in the batches (OOD metrics are computed whenever it is there).
-        with_uncertainty: compute the uncertainty metrics when the model yields "uncertainty".
+        with_uncertainty: compute the uncertainty metrics (segmentation: see
+            ``seg_uncertainty``; depth: when the model yields "depth_var").
         n_bins: ECE bins (15, as ``metrics.ece``).
         max_pixels: cap on the pixels kept for the rank-based metrics.
         removal_fractions: e.g. ``[0, 0.1, ..., 0.9]`` to add DUDES' removal curve.
+        seg_uncertainty: which segmentation uncertainty the metrics score. "auto" (default):
+            ``out["uncertainty"]`` when the model yields it (an ensemble's DUDES std, a DUDES
+            student's head), else none. "entropy": the predictive entropy of the (mean) softmax
+            H[p] (EMUFormer Eq. 3, what EMUFormer evaluates), computed here from the probs that
+            are scored, so it is exact for any model; an ensemble is then not asked for its
+            "uncertainty" at all. "uncertainty": ``out["uncertainty"]``, a ValueError if absent.
 
     Returns:
         Flat dict of floats and lists: "miou", "iou", "pixel_acc", "ece"; with uncertainty
         "error_auroc", "error_ap", "error_fpr95", "p_accurate_certain", "p_uncertain_inaccurate",
         "pavpu", "class_uncertainty", "m_unc", "pixel_subsample_rate" (+ "removal_miou"); with
         OOD masks "ood_auroc", "ood_ap", "ood_fpr95"; with depth "depth_rmse", "depth_abs_rel",
-        "depth_delta1..3".
+        "depth_delta1..3"; with depth and "depth_var" (and ``with_uncertainty``)
+        "depth_p_accurate_certain", "depth_p_uncertain_inaccurate", "depth_pavpu".
 
     References:
         DUDES Tables 1-2 and Fig. 4; EMUFormer §4 and Eq. 13; Mukhoti & Gal 2018.
         Taught in notebooks/03_dudes.ipynb and notebook 04 (EMUFormer).
     """
+    if seg_uncertainty not in SEG_UNCERTAINTY:
+        raise ValueError(f"seg_uncertainty={seg_uncertainty!r}; expected one of "
+                         f"{list(SEG_UNCERTAINTY)}: 'entropy' scores H[p] of the softmax "
+                         "(EMUFormer Eq. 3), 'uncertainty' the model's 'uncertainty' output, "
+                         "'auto' the latter when present.")
     model = getattr(model_or_ensemble, "module", model_or_ensemble)  # unwrap DDP
     device = _resolve_device(device)
     try:
         n_items = len(loader.dataset)
     except (AttributeError, TypeError):  # iterable data set: keep every pixel (or pass a cap)
         n_items = None
-    acc = _Evaluation(num_classes, ignore_index, n_bins, max_pixels, n_items)
+    acc = _Evaluation(num_classes, ignore_index, n_bins, max_pixels, n_items, seg_uncertainty)
     was_training = model.training
     model.to(device).eval()
     seen_ood = False
-    statistics = ("probs", "pred", "depth", "depth_var") + (
-        ("uncertainty",) if with_uncertainty else ())  # what an ensemble's predict computes
+    statistics = ("probs", "pred", "depth", "depth_var") + (  # what an ensemble's predict computes
+        ("uncertainty",) if with_uncertainty and seg_uncertainty != "entropy" else ())
     try:
         for i, batch in enumerate(loader):
             batch = _to_device(batch, device, False)
