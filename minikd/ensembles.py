@@ -704,7 +704,10 @@ class MCDropout(nn.Module):
     Only ``nn.Dropout*`` layers (``Dropout``, ``Dropout2d``, ``AlphaDropout``, ...) are switched to
     train mode; BatchNorm keeps its running statistics (untouched), and dropout written
     functionally in a parent's forward (``F.dropout(..., self.training)``, timm's fused attention)
-    or stochastic depth (``DropPath``) stays off.
+    or stochastic depth (``DropPath``) stays off. minikd's SegFormer, DepthFormer and
+    SegDepthFormer built with ``dropout=p`` carry the rate p in the decoder and in every dropout
+    layer of the MiT encoder (``models.set_encoder_dropout``), so the samples differ "throughout
+    the entire network", as EMUFormer §4 asks (tests/test_emuformer_lib.py checks the encoder).
 
     Args:
         model: a model with at least one dropout layer (SegFormer/SegDepthFormer with
