@@ -832,7 +832,7 @@ class ClassWiseUncertaintyStudent(DUDESStudent):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Logits, the class-wise uncertainty map and its value at the predicted class."""
         logits, class_unc = self._heads(x)
-        pred = logits.detach().argmax(1, keepdim=True)
+        pred = logits.detach().max(1, keepdim=True).indices  # = argmax, faster on a CPU
         return {"logits": logits, "class_uncertainty": class_unc,
                 "uncertainty": class_unc.gather(1, pred)[:, 0]}
 
