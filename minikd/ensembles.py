@@ -977,6 +977,16 @@ def _combine_views(outputs: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return out
 
 
+def _cache_settings(targets: Sequence[str] | str, teacher_transform: Callable | None,
+                    teacher_views: int, seed: int) -> dict[str, object]:
+    """What a TeacherCache records about how it was built (plain types: saved and compared)."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    return {"targets": targets, "teacher_views": int(teacher_views),
+            "seed": int(seed) if teacher_transform is not None else None,
+            "teacher_transform": None if teacher_transform is None else
+            type(teacher_transform).__name__}
+
+
 class TeacherCache:
     """The teacher's targets for every UN-augmented training image, computed once and stored
     (optionally averaged over colour-jittered views of it, EMUFormer Eq. 8).
@@ -1042,6 +1052,9 @@ class TeacherCache:
         targets: ``{name: Tensor [N, ...]}`` on the CPU.
         dataset_index: ``[N]`` the samples' ``"index"`` (or position), checked by
             ``CachedTargets``.
+        settings: how it was built (targets, teacher_views, seed and the jitter's class name;
+            saved with it, so ``build_or_load`` refuses a file built otherwise); None for a
+            file written before minikd recorded them.
 
     References:
         DUDES §3.2 (teacher uncertainty targets); EMUFormer Eq. 8-10 (mean softmax, depth
@@ -1074,6 +1087,7 @@ class TeacherCache:
         n, start = len(dataset), 0
         self.targets: dict[str, Tensor] = {}
         self.dataset_index = torch.empty(n, dtype=torch.long)
+        self.settings = _cache_settings(targets, teacher_transform, teacher_views, seed)
         for batch in loader:
             images = batch["image"].to(device)
             out = _teacher_outputs(teacher, images, targets) if teacher_transform is None else \
@@ -1095,17 +1109,33 @@ class TeacherCache:
     def _from_state(cls, state: dict) -> TeacherCache:
         cache = cls.__new__(cls)
         cache.targets, cache.dataset_index = dict(state["targets"]), state["dataset_index"]
+        cache.settings = state.get("settings")  # None: written before settings were recorded
         return cache
 
     @classmethod
     def build_or_load(cls, path: str | os.PathLike, teacher: nn.Module, dataset: Dataset,
                       **kwargs: object) -> TeacherCache:
         """Load the cache from ``path`` if present, else compute it and save it there; prints
-        which path was taken."""
+        which path was taken. A file built with other teacher views, seed or jitter than
+        ``kwargs`` ask for, or without one of the targets asked for, is not loaded silently:
+        ValueError (delete it to rebuild)."""
         path = Path(path)
         if path.exists():
+            cache = cls.load(path)
+            asked = _cache_settings(kwargs.get("targets", ("probs",)),
+                                    kwargs.get("teacher_transform"),
+                                    kwargs.get("teacher_views", 1), kwargs.get("seed", 0))
+            stored = cache.settings
+            differ = [] if stored is None else sorted(  # a cache holding more targets is fine
+                k for k in asked if (not set(asked[k]) <= set(stored.get(k) or ()) if
+                                     k == "targets" else stored.get(k) != asked[k]))
+            if differ:
+                raise ValueError(f"the teacher cache {path} was built with "
+                                 f"{ {k: stored.get(k) for k in differ} } but "
+                                 f"{ {k: asked[k] for k in differ} } is asked for; delete the "
+                                 "file to rebuild it, or pass another path.")
             print(f"teacher cache: loaded {path}")
-            return cls.load(path)
+            return cache
         cache = cls(teacher, dataset, **kwargs)
         cache.save(path)
         print(f"teacher cache: computed {len(cache)} images, saved to {path}")
@@ -1126,7 +1156,7 @@ class TeacherCache:
     def save(self, path: str | os.PathLike) -> None:
         """Write the cache atomically (temporary file, then rename) with ``torch.save``."""
         state = {"format": "minikd.TeacherCache/1", "targets": self.targets,
-                 "dataset_index": self.dataset_index}
+                 "dataset_index": self.dataset_index, "settings": self.settings}
         _atomic_save(state, Path(path))
 
     @classmethod

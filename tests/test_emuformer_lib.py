@@ -444,3 +444,35 @@ def test_sparsification_is_a_mean_over_images():
         metrics.ause(mu, y, unc, error="mae")
     assert "ause" in metrics.__all__ and "sparsification_curve" in metrics.__all__
     assert metrics.__all__ == sorted(metrics.__all__, key=lambda s: (not s[0].isupper(), s))
+
+
+def test_a_cache_built_otherwise_is_not_loaded_silently(tmp_path):
+    """build_or_load compares how a saved cache was built with what is asked for now."""
+    path = tmp_path / "cache.pt"
+    kw = {"targets": ("probs", "depth"), "dtype": torch.float32}
+    built = ensembles.TeacherCache.build_or_load(path, _teacher(), _Images(), **kw)
+    assert built.settings == {"targets": ["probs", "depth"], "teacher_views": 1, "seed": None,
+                              "teacher_transform": None}
+    again = ensembles.TeacherCache.build_or_load(path, _teacher(), _Images(), **kw)
+    assert torch.equal(again.targets["probs"], built.targets["probs"])
+    assert again.settings == built.settings
+    jitter = {**kw, "teacher_transform": ColorJitter(), "teacher_views": 2, "seed": 3}
+    with pytest.raises(ValueError, match=r"built with .*'teacher_views': 1.*but .*"
+                                         r"'teacher_views': 2.*delete the file"):
+        ensembles.TeacherCache.build_or_load(path, _teacher(), _Images(), **jitter)
+    with pytest.raises(ValueError, match=r"'targets'"):
+        ensembles.TeacherCache.build_or_load(path, _teacher(), _Images(), targets=("depth_var",))
+    jittered = ensembles.TeacherCache.build_or_load(tmp_path / "j.pt", _teacher(), _Images(),
+                                                    **jitter)
+    assert jittered.settings["seed"] == 3 and jittered.settings["teacher_transform"] == "ColorJitter"
+    with pytest.raises(ValueError, match=r"'seed'"):
+        ensembles.TeacherCache.build_or_load(tmp_path / "j.pt", _teacher(), _Images(),
+                                             **{**jitter, "seed": 4})
+    # a file from before settings were recorded still loads
+    state = torch.load(path, weights_only=True)
+    del state["settings"]
+    torch.save(state, tmp_path / "old.pt")
+    old = ensembles.TeacherCache.build_or_load(tmp_path / "old.pt", _teacher(), _Images(), **kw)
+    assert old.settings is None and torch.equal(old.targets["probs"], built.targets["probs"])
+    fewer = ensembles.TeacherCache.build_or_load(path, _teacher(), _Images(), targets=("probs",))
+    assert torch.equal(fewer.targets["probs"], built.targets["probs"])  # a superset loads
