@@ -856,12 +856,17 @@ class DeepSubEnsemble(nn.Module):
 
 
 # --------------------------------------------------------------------------- teacher cache
-def _takes_statistics(predict: Callable) -> bool:
-    """Whether a ``predict`` method accepts ``statistics=`` (minikd's ensembles do)."""
+def _accepts(fn: Callable, keyword: str) -> bool:
+    """Whether ``fn`` takes the keyword argument ``keyword`` (False if it cannot be told)."""
     try:
-        return "statistics" in inspect.signature(predict).parameters
+        return keyword in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _takes_statistics(predict: Callable) -> bool:
+    """Whether a ``predict`` method accepts ``statistics=`` (minikd's ensembles do)."""
+    return _accepts(predict, "statistics")
 
 
 @torch.no_grad()
@@ -905,11 +910,7 @@ def _view_generator(seed: int, index: int, view: int) -> torch.Generator:
 def _view_of(transform: Callable[..., dict], sample: dict, generator: torch.Generator) -> dict:
     """``transform(sample, generator=...)`` (``data.JointTransform``s take one); any other
     callable runs with torch's global RNG seeded from ``generator`` (restored afterwards)."""
-    try:
-        takes_generator = "generator" in inspect.signature(transform).parameters
-    except (TypeError, ValueError):
-        takes_generator = False
-    if takes_generator:
+    if _accepts(transform, "generator"):
         return transform(sample, generator=generator)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(generator.initial_seed())

@@ -411,19 +411,20 @@ def _accuracy_vs_certainty(
     thr = _image_thresholds(uncertainty, valid, threshold)
     certain = uncertainty.double() < thr.to(uncertainty.device).view(-1, 1, 1)  # ties: uncertain
     acc, cer = accurate[valid], certain[valid]
-    n_ac, n_au = int((acc & cer).sum()), int((acc & ~cer).sum())
-    n_ic, n_iu = int((~acc & cer).sum()), int((~acc & ~cer).sum())
+    counts = {"n_ac": int((acc & cer).sum()), "n_au": int((acc & ~cer).sum()),
+              "n_ic": int((~acc & cer).sum()), "n_iu": int((~acc & ~cer).sum())}
+    return {**_certainty_ratios(counts), **counts, "threshold": thr}
 
+
+def _certainty_ratios(c: dict[str, int]) -> dict[str, float]:
+    """p(accurate|certain), p(uncertain|inaccurate) and PAvPU of the four counts (NaN for 0/0);
+    also what ``training.evaluate`` computes from counts summed over batches."""
     def ratio(num: int, den: int) -> float:
         return num / den if den else float("nan")
 
-    return {
-        "p_accurate_certain": ratio(n_ac, n_ac + n_ic),
-        "p_uncertain_inaccurate": ratio(n_iu, n_ic + n_iu),
-        "pavpu": ratio(n_ac + n_iu, n_ac + n_au + n_ic + n_iu),
-        "n_ac": n_ac, "n_au": n_au, "n_ic": n_ic, "n_iu": n_iu,
-        "threshold": thr,
-    }
+    return {"p_accurate_certain": ratio(c["n_ac"], c["n_ac"] + c["n_ic"]),
+            "p_uncertain_inaccurate": ratio(c["n_iu"], c["n_ic"] + c["n_iu"]),
+            "pavpu": ratio(c["n_ac"] + c["n_iu"], c["n_ac"] + c["n_au"] + c["n_ic"] + c["n_iu"])}
 
 
 @torch.no_grad()
@@ -491,13 +492,25 @@ def _flat_scores(
     if valid is not None:
         keep = _valid_mask(valid, scores, "scores").reshape(-1)
         s, p = s[keep], p[keep]
-    if bool(s.isnan().any()):
-        raise ValueError("scores contain NaN; check the uncertainty map (0·log 0?).")
+    _check_no_nan(s, "scores")
     if max_samples is not None and s.numel() > max_samples:
         gen = torch.Generator().manual_seed(_SUBSAMPLE_SEED)
         idx = torch.randint(s.numel(), (max_samples,), generator=gen).to(s.device)
         s, p = s[idx], p[idx]
     return s.double(), p
+
+
+def _check_no_nan(scores: Tensor, name: str) -> None:
+    if bool(scores.isnan().any()):
+        raise ValueError(f"{name} contain NaN; check the uncertainty map (0·log 0?).")
+
+
+def _check_fractions(fractions: Sequence[float] | Tensor, name: str = "fractions") -> list[float]:
+    """Removal fractions as floats, each in [0, 1]."""
+    fr = torch.as_tensor(fractions, dtype=torch.float64).reshape(-1)
+    if bool(((fr < 0) | (fr > 1)).any()):
+        raise ValueError(f"{name} must lie in [0, 1], got {fr.tolist()}.")
+    return fr.tolist()
 
 
 def _binary_curve(scores: Tensor, positives: Tensor, order: Tensor | None = None,
@@ -714,12 +727,10 @@ def removal_curve(
     _check_same_shape(uncertainty=uncertainty, pred=pred, labels=labels)
     check_labels(labels, num_classes, ignore_index)
     check_labels(pred, num_classes, None, name="pred")
-    fr = torch.as_tensor(fractions, dtype=torch.float64).reshape(-1)
-    if bool(((fr < 0) | (fr > 1)).any()):
-        raise ValueError(f"fractions must lie in [0, 1], got {fr.tolist()}.")
+    fr = _check_fractions(fractions)
     valid = labels != ignore_index
     order = torch.sort(uncertainty[valid], descending=True, stable=True).indices
-    return _removal_of(pred[valid][order], labels[valid][order], num_classes, fr.tolist())
+    return _removal_of(pred[valid][order], labels[valid][order], num_classes, fr)
 
 
 def _removal_of(pred: Tensor, labels: Tensor, num_classes: int,

@@ -927,22 +927,21 @@ class _Evaluation:
             res.update({f"depth_{k}": self.depth[k] / n
                         for k in ("abs_rel", "delta1", "delta2", "delta3")})
         if self.depth_counts:
-            res.update({f"depth_{k}": v for k, v in _pavpu(self.depth_counts).items()})
+            ratios = self.m._certainty_ratios(self.depth_counts)
+            res.update({f"depth_{k}": v for k, v in ratios.items()})
         return res
 
     def _uncertainty_results(self, fractions: Sequence[float] | None) -> dict[str, Any]:
         m = self.m
         cls = torch.where(self.unc_count > 0, self.unc_sum / self.unc_count.clamp_min(1), math.nan)
-        res = {**_pavpu(self.counts),
+        res = {**m._certainty_ratios(self.counts),
                "class_uncertainty": cls.tolist(), "m_unc": float(cls.nanmean())}
         s = {k: torch.cat([t.reshape(-1) for t in v]) for k, v in self.samples.items()}
         valid = s["labels"] != self.ignore
         # One stable sort of the valid pixels' uncertainty serves AUROC, AP, FPR@95 of errors
         # and the removal curve (metrics.removal_curve breaks ties by this stable order too).
         unc, pred, labels = s["unc"][valid], s["pred"][valid], s["labels"][valid]
-        if bool(unc.isnan().any()):
-            raise ValueError("the uncertainty map contains NaN on labelled pixels; check the "
-                             "model's uncertainty output (0·log 0?).")
+        m._check_no_nan(unc, "the uncertainty's labelled pixels")
         order = torch.sort(unc, descending=True, stable=True).indices
         res.update({f"error_{k}": v for k, v in m._detection_of(
             m._binary_curve(unc, pred != labels, order, stacklevel=4)).items()})
@@ -950,21 +949,11 @@ class _Evaluation:
             res.update({f"ood_{k}": v for k, v in m.detection_metrics(
                 s["ood_unc"], s["ood"], s["ood_valid"]).items()})
         if fractions is not None:
-            fr = [float(f) for f in fractions]
-            if any(not 0 <= f <= 1 for f in fr):
-                raise ValueError(f"removal_fractions must lie in [0, 1], got {fr}.")
+            fr = m._check_fractions(fractions, "removal_fractions")
             curve = m._removal_of(pred[order], labels[order], self.num_classes, fr)
             res["removal_fractions"], res["removal_miou"] = list(fractions), curve.tolist()
         res["pixel_subsample_rate"] = self.rate
         return res
-
-
-def _pavpu(c: Mapping[str, int]) -> dict[str, float]:
-    """p(accurate|certain), p(uncertain|inaccurate), PAvPU of summed counts (NaN for 0/0)."""
-    ratio = (lambda a, b: a / b if b else math.nan)
-    return {"p_accurate_certain": ratio(c["n_ac"], c["n_ac"] + c["n_ic"]),
-            "p_uncertain_inaccurate": ratio(c["n_iu"], c["n_ic"] + c["n_iu"]),
-            "pavpu": ratio(c["n_ac"] + c["n_iu"], sum(c.values()))}
 
 
 SEG_UNCERTAINTY: tuple[str, ...] = ("auto", "entropy", "uncertainty")
