@@ -1,4 +1,4 @@
-"""Tests for the ensemble distillation for UDA of Chao et al. 2021 (minikd.ensembles): output
+"""Tests for the ensemble distillation for UDA of Chao et al. 2021 (minikd.fusion): output
 unification, pixel-wise fusions (majority vote, mean certainty), the fusion policy, channel-wise
 fusion, certainty-aware policy selection, and the pseudo-label dataset wrapper."""
 
@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from minikd.data import RandomHorizontalFlip
-from minikd.ensembles import (
+from minikd.ensembles import TeacherCache
+from minikd.fusion import (
     ClassCertainty,
     FusedLabels,
     FusionPolicy,
     PseudoLabels,
-    TeacherCache,
     certainty_fusion,
     channel_wise_fusion,
     class_certainty,
