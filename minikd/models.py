@@ -60,6 +60,7 @@ from minikd.metrics import count_parameters  # re-exported: one definition, in m
 __all__ = [
     "SUPPORTED_ARCHS",
     "SUPPORTED_ENCODERS",
+    "TEACHERS_FILE",
     "UNET_PRESETS",
     "ZOO_BUILDERS",
     "ZOO_DIR",
@@ -79,6 +80,7 @@ __all__ = [
     "count_parameters",
     "light_unet",
     "load_encoder_weights",
+    "load_teachers",
     "param_groups",
     "pretrained",
     "set_encoder_dropout",
@@ -996,3 +998,64 @@ def pretrained(name: str) -> nn.Module:
     model = build_from_entry(entry)
     load_zoo_weights(model, ZOO_DIR / entry["file"], entry["sha256"], name)
     return model.eval()
+
+
+TEACHERS_FILE = "teachers.json"
+
+
+def load_teachers(folder: str | os.PathLike) -> dict[str, nn.Module]:
+    """User-supplied teacher checkpoints (full mode of notebook 05), in eval mode on the CPU.
+
+    ``folder`` holds the weights files and a ``teachers.json`` that says how to build each
+    network, with the zoo's ``builder``/``args`` convention::
+
+        {"teachers": {
+            "DACS": {"builder": "build_segmenter", "file": "dacs.pt",
+                     "args": {"arch": "DeepLabV3Plus", "encoder": "resnet101",
+                              "num_classes": 19}},
+            "CBST": {...}, "SourceOnly": {...}}}
+
+    Each file is a state dict (or a dict holding one under ``"model"`` or ``"state_dict"``, as
+    ``training.fit``'s checkpoints do), loaded with ``torch.load(weights_only=True)``.
+
+    Returns:
+        ``{name: model}`` in the file's order.
+
+    Raises:
+        FileNotFoundError: no folder, no teachers.json or a missing weights file (the message
+            shows the expected layout).
+        ValueError: an entry without ``builder``/``args``/``file``, or weights that do not fit.
+
+    References:
+        Chao et al., CVPRW 2021 (teachers trained by external UDA code bases). Taught in
+        notebooks/05_uda_channel_fusion.ipynb.
+    """
+    folder = Path(folder)
+    spec_path = folder / TEACHERS_FILE
+    layout = (f"expected {folder}/{TEACHERS_FILE} naming each teacher's builder, args and "
+              "weights file (see minikd.models.load_teachers)")
+    if not spec_path.is_file():
+        raise FileNotFoundError(f"no {spec_path}; {layout}.")
+    teachers = json.loads(spec_path.read_text()).get("teachers") or {}
+    if not teachers:
+        raise ValueError(f"{spec_path} lists no teachers; {layout}.")
+    out = {}
+    for name, entry in teachers.items():
+        missing = {"builder", "args", "file"} - set(entry)
+        if missing:
+            raise ValueError(f"teacher {name!r} in {spec_path} lacks {sorted(missing)}; {layout}.")
+        path = folder / entry["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher {name!r}: weights {path} are missing; {layout}.")
+        model = build_from_entry(entry)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("model", "state_dict"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"teacher {name!r}: {path} does not fit {entry['builder']}"
+                             f"({entry['args']}): {str(e).splitlines()[0]}") from None
+        out[name] = model.eval()
+    return out

@@ -1303,24 +1303,40 @@ def _recipe_loss(name: str) -> Callable[..., Any]:
     return lambda logits, batch: cross_entropy(logits, batch["mask"])
 
 
-def zoo_validation_set(manifest: Mapping[str, Any], size: Sequence[int], n: int | None = None
-                       ) -> Any:
-    """The zoo's fixed ToyCity validation set (its first ``n`` images; default all)."""
-    spec = dict(manifest["validation"])
+# How a recipe trains (``recipe["method"]["name"]``; default "source_only"). The UDA teachers of
+# notebook 05 (``toycity-uda/*``) start from a source-only zoo entry (``recipe["init"]``) and
+# adapt it to unlabelled target images (``recipe["target"]``) by one of these.
+ZOO_METHODS = ("source_only", "domain_randomisation", "adabn", "entropy_min", "self_training",
+               "class_mix")
+
+
+def zoo_validation_spec(manifest: Mapping[str, Any], entry: Mapping[str, Any] | None = None
+                        ) -> dict[str, Any]:
+    """The validation set of an entry: the manifest's, updated by the entry's ``validation``
+    (the UDA teachers are measured on target-domain images)."""
+    return {**manifest["validation"], **((entry or {}).get("validation") or {})}
+
+
+def zoo_validation_set(manifest: Mapping[str, Any], size: Sequence[int], n: int | None = None,
+                       entry: Mapping[str, Any] | None = None) -> Any:
+    """The zoo's fixed ToyCity validation set (its first ``n`` images; default all) of
+    ``entry`` (default: the manifest's)."""
+    spec = zoo_validation_spec(manifest, entry)
     spec["n"] = n or spec["n"]
     return _recipe_toycity(spec, size)
 
 
-def _zoo_figures(model: nn.Module, manifest: Mapping[str, Any], size: Sequence[int]
-                 ) -> dict[str, Any]:
+def _zoo_figures(model: nn.Module, manifest: Mapping[str, Any], size: Sequence[int],
+                 entry: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Headline figures of a zoo model: mIoU, per-class IoU and pixel accuracy on the fixed
     validation set, and the mIoU on its first ``check_n`` images (what the tests recompute)."""
     from minikd.data import ToyCity
 
-    val = manifest["validation"]
-    full = evaluate(model, DataLoader(zoo_validation_set(manifest, size), batch_size=16),
+    val = zoo_validation_spec(manifest, entry)
+    full = evaluate(model, DataLoader(zoo_validation_set(manifest, size, entry=entry),
+                                      batch_size=16),
                     ToyCity.NUM_CLASSES, device="cpu", with_uncertainty=False)
-    check = evaluate(model, DataLoader(zoo_validation_set(manifest, size, val["check_n"]),
+    check = evaluate(model, DataLoader(zoo_validation_set(manifest, size, val["check_n"], entry),
                                        batch_size=16), ToyCity.NUM_CLASSES, device="cpu",
                      with_uncertainty=False)
     return {"miou": round(full["miou"], 4), "pixel_acc": round(full["pixel_acc"], 4),
@@ -1356,40 +1372,100 @@ def train_zoo_entry(name: str, work_dir: str | os.PathLike | None = None, *,
         Taught in notebooks/01_vanilla_kd_temperature.ipynb ("the teacher comes from the zoo").
     """
     from minikd import __version__
-    from minikd.data import train_transforms
     from minikd.models import build_from_entry, zoo_entry, zoo_manifest
 
     manifest = zoo_manifest(manifest_path)
     entry = zoo_entry(name, manifest)
     r = entry["recipe"]
+    method = dict(r.get("method") or {"name": "source_only"})
+    if method["name"] not in ZOO_METHODS:
+        raise ValueError(f"zoo entry {name!r}: method {method['name']!r} is not one of "
+                         f"{list(ZOO_METHODS)}.")
     out = Path(work_dir or zoo_user_dir()) / name
-    train_set = _recipe_toycity(r["data"], r["size"], train_transforms(r["size"], **r["augment"]))
-    loader = DataLoader(train_set, batch_size=r["batch_size"], shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(r["seed"]))
-    curve_set = zoo_validation_set(manifest, r["size"], r["curve_n"])
     set_seed(r["seed"])  # the initial weights depend on the recipe's seed only
     model = build_from_entry(entry)
+    if r.get("init"):  # start from another zoo entry's shipped weights
+        from minikd.models import pretrained
+
+        model.load_state_dict(pretrained(r["init"]).state_dict())
     t0 = time.perf_counter()
-    history = fit(model, loader, _recipe_loss(r["loss"]), iterations=r["iterations"],
-                  optimizer=r["optimizer"], lr=r["lr"], weight_decay=r["weight_decay"],
-                  decoder_lr_mult=r["decoder_lr_mult"], poly_power=r["poly_power"],
-                  device="cpu", ckpt_dir=out / "checkpoint", seed=r["seed"],
-                  val_loader=DataLoader(curve_set, batch_size=16), val_every=r["val_every"],
-                  val_fn=lambda m, dl: {"miou": evaluate(m, dl, None, device="cpu",
-                                                         with_uncertainty=False)["miou"]},
-                  progress=progress, desc=name)
+    if method["name"] == "adabn":
+        from minikd.adaptation import adabn
+
+        adabn(model, DataLoader(_recipe_toycity(r["target"], r["size"]),
+                                batch_size=r["batch_size"]))
+        history: dict[str, Any] = {"val": [], "time_s": time.perf_counter() - t0}
+    else:
+        loader, loss_fn = _zoo_training_data(r, method, model)
+        curve_set = zoo_validation_set(manifest, r["size"], r["curve_n"], entry)
+        history = fit(model, loader, loss_fn, iterations=r["iterations"],
+                      optimizer=r["optimizer"], lr=r["lr"], weight_decay=r["weight_decay"],
+                      decoder_lr_mult=r["decoder_lr_mult"], poly_power=r["poly_power"],
+                      device="cpu", ckpt_dir=out / "checkpoint", seed=r["seed"],
+                      val_loader=DataLoader(curve_set, batch_size=16), val_every=r["val_every"],
+                      val_fn=lambda m, dl: {"miou": evaluate(m, dl, None, device="cpu",
+                                                             with_uncertainty=False)["miou"]},
+                      progress=progress, desc=name)
     half = _half_state(model)
     weights = out / Path(entry["file"]).name
     _atomic_write(weights, lambda f: torch.save(half, f))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.items()})
     model.eval()
-    fields = {"weights": str(weights), "val": _zoo_figures(model, manifest, r["size"]),
+    fields = {"weights": str(weights), "val": _zoo_figures(model, manifest, r["size"], entry),
               "curve": [{"step": v["step"], "miou": round(v["miou"], 4)} for v in history["val"]],
               "trained": {"time_s": round(history["time_s"] or time.perf_counter() - t0),
                           "machine": _machine(), "threads": torch.get_num_threads(),
                           "minikd": __version__, "torch": torch.__version__,
                           "date": time.strftime("%Y-%m-%d")}}
     return model, fields
+
+
+def _zoo_training_data(r: Mapping[str, Any], method: Mapping[str, Any], model: nn.Module
+                       ) -> tuple[DataLoader, Callable[..., Any]]:
+    """The loader and loss of a recipe: source images (labelled), and for the UDA methods the
+    unlabelled target images joined to them (``adaptation.SourceTarget``)."""
+    from minikd.data import Compose, Unlabelled, train_transforms
+
+    geometric = train_transforms(r["size"], **r["augment"])
+    source_tf = geometric
+    if method["name"] == "domain_randomisation":
+        from minikd.adaptation import strong_photometric
+
+        source_tf = Compose([geometric, strong_photometric()])
+    data = _recipe_toycity(r["data"], r["size"], source_tf)
+    loss_fn = _recipe_loss(r["loss"])
+    if method["name"] in ("entropy_min", "self_training", "class_mix"):
+        from minikd import adaptation
+
+        if method["name"] == "self_training":
+            target = _pseudo_labelled_target(model, r, method.get("portion", 0.5), geometric)
+        else:
+            target = Unlabelled(_recipe_toycity(r["target"], r["size"], geometric))
+        data = adaptation.SourceTarget(data, target)
+        loss_fn = adaptation.UDALoss(model, method["name"], method.get("weight", 1.0))
+    loader = DataLoader(data, batch_size=r["batch_size"], shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(r["seed"]))
+    return loader, loss_fn
+
+
+@torch.no_grad()
+def _pseudo_labelled_target(model: nn.Module, r: Mapping[str, Any], portion: float,
+                            transform: Any) -> Any:
+    """CBST's one round: the starting model labels the un-augmented target images, class by
+    class above its confidence threshold; the labels then move with the joint transform."""
+    from minikd.adaptation import class_balanced_pseudo_labels
+    from minikd.fusion import PseudoLabels
+
+    plain = _recipe_toycity(r["target"], r["size"])
+    model.eval()
+    conf, pred = [], []
+    for batch in DataLoader(plain, batch_size=32):
+        c, p = model(batch["image"]).float().softmax(1).max(1)
+        conf.append(c)
+        pred.append(p)
+    labels, _ = class_balanced_pseudo_labels(torch.cat(conf), torch.cat(pred), portion)
+    model.train()
+    return PseudoLabels(plain, labels, transform)
 
 
 def _machine() -> str:

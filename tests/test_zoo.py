@@ -45,12 +45,13 @@ def _require_trained(name: str, entry: dict) -> None:
 def _check_reproduces(name: str, entry: dict, manifest: dict, model: torch.nn.Module) -> float:
     """The entry's check_miou, measured again; AssertionError naming it and its command."""
     r = entry["recipe"]
-    val = training.zoo_validation_set(manifest, r["size"], manifest["validation"]["check_n"])
+    spec = training.zoo_validation_spec(manifest, entry)
+    val = training.zoo_validation_set(manifest, r["size"], spec["check_n"], entry)
     measured = training.evaluate(model, DataLoader(val, batch_size=16), ToyCity.NUM_CLASSES,
                                  device="cpu", with_uncertainty=False)["miou"]
     recorded = entry["val"]["check_miou"]
     assert abs(measured - recorded) <= CHECK_TOL, (
-        f"stale zoo entry {name!r}: check_miou on the first {manifest['validation']['check_n']} "
+        f"stale zoo entry {name!r}: check_miou on the first {spec['check_n']} {spec['domain']} "
         f"validation images is {measured:.6f}, the manifest records {recorded:.6f} (tolerance "
         f"{CHECK_TOL}); ToyCity or {entry['builder']} changed since it was trained. Retrain it "
         f"with `{models.retrain_command(name)}`")
@@ -154,6 +155,11 @@ def test_zoo_entry_records_figures_and_a_plateaued_curve(name):
         assert math.isfinite(v) and 0.0 <= v <= 1.0, f"{name}: bad figure {v}"
     assert {"time_s", "machine", "threads", "minikd", "torch", "date"} <= set(entry["trained"])
     curve = entry["curve"]
+    if entry["recipe"]["iterations"] == 0:  # AdaBN: statistics re-estimated, no gradient step
+        assert entry["recipe"]["method"]["name"] == "adabn" and entry["recipe"].get("init"), (
+            f"{name}: a recipe without iterations must adapt another entry (AdaBN)")
+        assert curve == []
+        return
     assert len(curve) >= 3, f"{name}: the curve has {len(curve)} points"
     steps = [p["step"] for p in curve]
     assert steps == sorted(steps) and steps[-1] == entry["recipe"]["iterations"]
