@@ -8,6 +8,7 @@ One file per concern, each read alongside the notebook that teaches it:
     metrics    mIoU, ECE, PAvPU, AUROC/AP/FPR95, removal curves, depth metrics, FLOPs, timing
     ensembles  deep ensembles (looped or vmapped), MC dropout, sub-ensembles, the teacher cache
     fusion     pseudo-label fusion for domain adaptation (Chao et al.: unify, channel-wise fusion)
+    adaptation UDA methods that train notebook 05's teachers (AdaBN, MinEnt, CBST, DACS ClassMix)
     training   fit (resumable, DDP), evaluate, train_ensemble, grid search, results files
 """
 

@@ -63,6 +63,7 @@ __all__ = [
     "RandomCrop",
     "RandomHorizontalFlip",
     "RandomScale",
+    "Resize",
     "ToyCity",
     "Unlabelled",
     "colorize",
@@ -1469,6 +1470,26 @@ class RandomScale(JointTransform):
         h, w = sample["image"].shape[-2:]
         size = (max(1, round(h * s)), max(1, round(w * s)))
         return {**sample, **{k: _resize(sample[k], size, mode) for k, (mode, _) in rules.items()}}
+
+
+class Resize(JointTransform):
+    """Resize every per-pixel key to a fixed (h, w): image and float maps bilinear, masks and
+    bool maps nearest, as ``RandomScale`` (depth values kept). For evaluation at a set size.
+
+    Args:
+        size: (h, w) of the output.
+    """
+
+    def __init__(self, size: int | tuple[int, int]):
+        super().__init__()
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"Resize({size!r}); expected a positive (h, w).")
+        self.size = (int(size[0]), int(size[1]))
+
+    def __call__(self, sample: dict, generator: torch.Generator | None = None) -> dict:
+        rules = _per_pixel_rules(sample)
+        return {**sample, **{k: _resize(sample[k], self.size, mode) for k, (mode, _) in rules.items()}}
 
 
 class RandomCrop(JointTransform):

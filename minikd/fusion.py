@@ -12,7 +12,7 @@ computed once (e.g. from an ``ensembles.TeacherCache``; float16 is fine).
 References:
     C.-H. Chao, B.-W. Cheng, C.-Y. Lee, "Rethinking Ensemble-Distillation for Semantic
     Segmentation Based Unsupervised Domain Adaptation", CVPRW 2021. Taught in
-    notebooks/05_uda_channel_fusion.ipynb (planned).
+    notebooks/05_uda_channel_fusion.ipynb.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ __all__ = [
     "certainty_fusion",
     "channel_wise_fusion",
     "class_certainty",
+    "fuse_caches",
     "majority_vote_fusion",
     "oracle_policy",
+    "pseudo_label_quality",
     "select_policy",
     "unify",
 ]
@@ -84,7 +86,7 @@ def unify(probs_or_logits: Tensor, dim: int = 1) -> Tensor:
     References:
         Chao, Cheng & Lee, "Rethinking Ensemble-Distillation for Semantic Segmentation Based
         Unsupervised Domain Adaptation", CVPRW 2021, the output-unification equation. Taught in
-        notebooks/05_uda_channel_fusion.ipynb (planned).
+        notebooks/05_uda_channel_fusion.ipynb.
     """
     if not isinstance(probs_or_logits, Tensor) or not probs_or_logits.is_floating_point():
         got = (f"dtype {probs_or_logits.dtype}" if isinstance(probs_or_logits, Tensor)
@@ -140,7 +142,7 @@ def majority_vote_fusion(member_probs: Tensor | Sequence[Tensor],
     References:
         Chao et al., CVPRW 2021, output unification + pixel-wise fusion (Fig. 2); authors' code
         ``label_fusion.py --fusion-mode majority``. Taught in
-        notebooks/05_uda_channel_fusion.ipynb (planned).
+        notebooks/05_uda_channel_fusion.ipynb.
     """
     threshold = _check_threshold(threshold)
     p = _member_stack(member_probs).float()
@@ -174,7 +176,7 @@ def certainty_fusion(member_probs: Tensor | Sequence[Tensor],
 
     References:
         Chao et al., CVPRW 2021, the baseline of Fig. 1(b); authors' code ``label_fusion.py
-        --fusion-mode certainty``. Taught in notebooks/05_uda_channel_fusion.ipynb (planned).
+        --fusion-mode certainty``. Taught in notebooks/05_uda_channel_fusion.ipynb.
     """
     threshold = _check_threshold(threshold)
     certainty, labels = _member_stack(member_probs).float().mean(0).max(1)
@@ -220,7 +222,7 @@ class FusionPolicy:
     References:
         Chao et al., CVPRW 2021, the fusion policy π (Fig. 4); authors' code
         ``label_fusion.py`` (``extraction_list``). Taught in
-        notebooks/05_uda_channel_fusion.ipynb (planned).
+        notebooks/05_uda_channel_fusion.ipynb.
     """
 
     def __init__(self, assignment: Sequence[int] | Sequence[tuple[int, int]] | Mapping[int, int],
@@ -377,8 +379,7 @@ def channel_wise_fusion(member_probs: Tensor | Sequence[Tensor], policy: FusionP
 
     References:
         Chao et al., CVPRW 2021, channel-wise fusion (Fig. 2 and Fig. 4); authors' code
-        ``label_fusion.py --fusion-mode PLF``. Taught in notebooks/05_uda_channel_fusion.ipynb
-        (planned).
+        ``label_fusion.py --fusion-mode PLF``. Taught in notebooks/05_uda_channel_fusion.ipynb.
     """
     threshold = _check_threshold(threshold)
     if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
@@ -425,7 +426,7 @@ class ClassCertainty:
 
     References:
         Chao et al., CVPRW 2021, certainty-aware policy selection (Fig. 5 and 6). Taught in
-        notebooks/05_uda_channel_fusion.ipynb (planned).
+        notebooks/05_uda_channel_fusion.ipynb.
     """
 
     def __init__(self, num_classes: int):
@@ -483,7 +484,7 @@ def class_certainty(probs: Tensor, num_classes: int | None = None,
 
     References:
         Chao et al., CVPRW 2021, certainty-aware policy selection. Taught in
-        notebooks/05_uda_channel_fusion.ipynb (planned).
+        notebooks/05_uda_channel_fusion.ipynb.
     """
     if not isinstance(probs, Tensor) or probs.dim() != 4:
         got = tuple(probs.shape) if isinstance(probs, Tensor) else type(probs).__name__
@@ -506,7 +507,7 @@ def _best_teacher_per_class(scores: Tensor, what: str, fallback: str) -> list[in
         if not bool(torch.isfinite(means).any()):
             raise ValueError(f"{what} are NaN for every teacher and class; nothing to select.")
         top = int(means.max(0).indices)
-        warnings.warn(f"no teacher has a {what[:-1]} for class(es) {orphans}; they go to "
+        warnings.warn(f"no teacher has a score ({what}) for class(es) {orphans}; they go to "
                       f"teacher {top}, {fallback}.", stacklevel=3)
         best[orphans] = top
     return best.tolist()
@@ -551,8 +552,7 @@ def select_policy(student_certainties: Tensor | Sequence[Tensor | ClassCertainty
 
     References:
         Chao et al., CVPRW 2021, certainty-aware policy selection (Fig. 5 and 6; the authors'
-        repository hard-codes its result). Taught in notebooks/05_uda_channel_fusion.ipynb
-        (planned).
+        repository hard-codes its result). Taught in notebooks/05_uda_channel_fusion.ipynb.
     """
     scores = _score_matrix(student_certainties, "student certainties")
     teachers = _best_teacher_per_class(scores, "student certainties",
@@ -581,7 +581,7 @@ def oracle_policy(per_class_iou: Tensor | Sequence[Tensor], *,
 
     References:
         Chao et al., CVPRW 2021, Fig. 6 (per-class IoU of each teacher vs the students'
-        certainty). Taught in notebooks/05_uda_channel_fusion.ipynb (planned).
+        certainty). Taught in notebooks/05_uda_channel_fusion.ipynb.
     """
     scores = _score_matrix(per_class_iou, "per-class IoUs")
     teachers = _best_teacher_per_class(scores, "per-class IoUs", "the one with the highest mIoU")
@@ -614,7 +614,7 @@ class PseudoLabels(Dataset):
 
     References:
         Chao et al., CVPRW 2021 (the student trained on the fused pseudo-labels). Taught in
-        notebooks/05_uda_channel_fusion.ipynb (planned).
+        notebooks/05_uda_channel_fusion.ipynb.
     """
 
     def __init__(self, dataset: Dataset, labels: Tensor | FusedLabels,
@@ -653,3 +653,90 @@ class PseudoLabels(Dataset):
                              "(transform=None) and pass the augmentation here instead.")
         sample["mask"] = self.labels[i].long()
         return sample if self.transform is None else self.transform(sample)
+
+
+def fuse_caches(caches: Sequence[object], fusion: Callable[..., FusedLabels], *,
+                batch_size: int = 16, **kwargs: object) -> FusedLabels:
+    """Fuse the cached softmax of M teachers over a whole data set, ``batch_size`` images at a
+    time (the ``[M, B, C, H, W]`` stack of one batch is all that is held in float32).
+
+    Args:
+        caches: M ``ensembles.TeacherCache`` built with ``targets=("probs",)`` on the same
+            un-augmented data set (their ``dataset_index`` must agree), or M ``[N, C, H, W]``
+            tensors of probabilities.
+        fusion: ``majority_vote_fusion``, ``certainty_fusion`` or ``channel_wise_fusion``.
+        batch_size: images per fusion call.
+        **kwargs: passed to ``fusion`` (``threshold``, ``policy``, ``window``).
+
+    Returns:
+        ``FusedLabels`` of all N images (labels int64 ``[N, H, W]``, certainty ``[N, H, W]``).
+
+    Raises:
+        ValueError: no caches, a cache without ``"probs"``, or caches of different images.
+
+    References:
+        Chao et al., CVPRW 2021 (the fused pseudo-labels are computed once, offline, as the
+        authors' ``label_fusion.py`` does). Taught in notebooks/05_uda_channel_fusion.ipynb.
+    """
+    if not caches:
+        raise ValueError("fuse_caches got no caches; pass one TeacherCache per teacher.")
+    probs, index = [], None
+    for m, cache in enumerate(caches):
+        if isinstance(cache, Tensor):
+            probs.append(cache)
+            continue
+        if "probs" not in getattr(cache, "targets", {}):
+            raise ValueError(f"cache {m} holds {sorted(getattr(cache, 'targets', {}))}; build "
+                             "it with TeacherCache(..., targets=('probs',)).")
+        probs.append(cache.targets["probs"])
+        if index is None:
+            index = cache.dataset_index
+        elif not torch.equal(index, cache.dataset_index):
+            raise ValueError(f"cache {m} was built on other images (or another order) than "
+                             "cache 0; build every teacher's cache on the same data set.")
+    n = len(probs[0])
+    if any(len(p) != n for p in probs):
+        raise ValueError(f"the caches hold {[len(p) for p in probs]} images; expected the same "
+                         "number for every teacher.")
+    parts = [fusion([p[i:i + batch_size] for p in probs], **kwargs)
+             for i in range(0, n, batch_size)]
+    return FusedLabels(torch.cat([f.labels for f in parts]),
+                       torch.cat([f.certainty for f in parts]))
+
+
+def pseudo_label_quality(labels: Tensor | FusedLabels, truth: Tensor, num_classes: int
+                         ) -> dict[str, float | Tensor]:
+    """How good a set of pseudo-labels is, against labels the method never saw.
+
+    Void pseudo-labels (255) are left out of the IoU and counted in ``coverage``, the share of
+    labelled ground-truth pixels that received a pseudo-label. Diagnosis only: in UDA the
+    target labels exist for evaluation, never for training or for choosing anything.
+
+    Args:
+        labels: ``[N, H, W]`` pseudo-labels (255 = void) or a ``FusedLabels``.
+        truth: ``[N, H, W]`` ground truth (255 = void).
+        num_classes: C.
+
+    Returns:
+        ``{"miou", "iou" (Tensor [C]), "pixel_acc", "coverage"}``.
+
+    References:
+        Chao et al., CVPRW 2021 (Fig. 5: the quality of a teacher's pseudo-labels). Taught in
+        notebooks/05_uda_channel_fusion.ipynb.
+    """
+    from minikd.metrics import SegmentationMeter
+
+    if isinstance(labels, FusedLabels):
+        labels = labels.labels
+    if labels.shape != truth.shape:
+        raise ValueError(f"pseudo-labels {tuple(labels.shape)} and truth {tuple(truth.shape)} "
+                         "differ; compare them on the same un-augmented images.")
+    labels, truth = labels.long(), truth.long()
+    labelled = truth != _VOID
+    kept = labelled & (labels != _VOID)
+    meter = SegmentationMeter(num_classes)
+    meter.update(torch.where(kept, labels, 0), torch.where(kept, truth, _VOID))
+    out = meter.compute()
+    out.pop("confusion")
+    out["coverage"] = float(kept.sum()) / max(1, int(labelled.sum()))
+    return out

@@ -1406,6 +1406,11 @@ def train_zoo_entry(name: str, work_dir: str | os.PathLike | None = None, *,
                       val_fn=lambda m, dl: {"miou": evaluate(m, dl, None, device="cpu",
                                                              with_uncertainty=False)["miou"]},
                       progress=progress, desc=name)
+        if method.get("target_bn"):  # trained with per-domain batch statistics: test with target's
+            from minikd.adaptation import adabn
+
+            adabn(model, DataLoader(_recipe_toycity(r["target"], r["size"]),
+                                    batch_size=r["batch_size"]))
     half = _half_state(model)
     weights = out / Path(entry["file"]).name
     _atomic_write(weights, lambda f: torch.save(half, f))

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from minikd import fusion
 from minikd.data import RandomHorizontalFlip
 from minikd.ensembles import TeacherCache
 from minikd.fusion import (
@@ -426,3 +427,43 @@ def test_pseudo_labels_bad_inputs():
         PseudoLabels(ds, torch.zeros(3, 4, 6, dtype=torch.long))[0]
     with pytest.raises(ValueError, match="sample 1 has index 1"):
         PseudoLabels(ds, labels, dataset_index=torch.tensor([0, 2, 1]))[1]
+
+
+# --------------------------------------------------------------------------- whole data sets
+def test_fuse_caches_batch_by_batch_equals_one_fusion_of_everything():
+    from minikd.data import ToyCity
+    from minikd.models import unet_family
+
+    torch.manual_seed(0)
+    pool = ToyCity(5, (16, 32), domain="target")
+    teachers = [unet_family("tiny", 17).eval() for _ in range(3)]
+    caches = [TeacherCache(t, pool, targets=("probs",), batch_size=2) for t in teachers]
+    stacked = torch.stack([c.targets["probs"] for c in caches])
+    policy = fusion.FusionPolicy([c % 3 for c in range(17)], 3)
+    for fn, kw in ((fusion.majority_vote_fusion, {"threshold": 0.0}),
+                   (fusion.certainty_fusion, {"threshold": 0.05}),
+                   (fusion.channel_wise_fusion, {"policy": policy, "threshold": 0.0})):
+        whole = fn(stacked, **kw)
+        parts = fusion.fuse_caches(caches, fn, batch_size=2, **kw)
+        assert torch.equal(parts.labels, whole.labels)
+        torch.testing.assert_close(parts.certainty, whole.certainty, equal_nan=True)
+    other = TeacherCache(teachers[0], ToyCity(5, (16, 32), domain="target", seed=3),
+                         targets=("probs",))
+    other.dataset_index = other.dataset_index.flip(0)
+    with pytest.raises(ValueError, match="other images"):
+        fusion.fuse_caches([caches[0], other], fusion.certainty_fusion)
+    with pytest.raises(ValueError, match="no caches"):
+        fusion.fuse_caches([], fusion.certainty_fusion)
+
+
+def test_pseudo_label_quality_by_hand():
+    truth = torch.tensor([[[0, 0, 1, 1], [2, 2, 255, 1]]])
+    labels = torch.tensor([[[0, 1, 1, 255], [2, 2, 0, 255]]])
+    q = fusion.pseudo_label_quality(labels, truth, 3)
+    # kept pixels (labelled truth, labelled pseudo): (0,0) (0,1)->1 (1,1) (2,2) (2,2): 5 of 7
+    assert q["coverage"] == pytest.approx(5 / 7)
+    # class 0: TP 1, FN 1 -> 1/2; class 1: TP 1, FP 1 -> 1/2; class 2: 2/2
+    assert q["iou"].tolist() == pytest.approx([0.5, 0.5, 1.0])
+    assert q["miou"] == pytest.approx(2 / 3) and q["pixel_acc"] == pytest.approx(4 / 5)
+    with pytest.raises(ValueError, match="differ"):
+        fusion.pseudo_label_quality(labels[:, :1], truth, 3)

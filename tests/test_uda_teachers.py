@@ -211,3 +211,15 @@ def test_load_teachers_reads_the_documented_layout(tmp_path):
         models.load_teachers(tmp_path)
     with pytest.raises(FileNotFoundError, match="teachers.json"):
         models.load_teachers(tmp_path / "nowhere")
+
+
+def test_resize_moves_every_per_pixel_map_to_the_size():
+    from minikd.data import Resize
+
+    sample = ToyCity(1, (16, 32))[0]
+    out = Resize((8, 12))(sample)
+    assert out["image"].shape == (3, 8, 12) and out["mask"].shape == (8, 12)
+    assert out["mask"].dtype == sample["mask"].dtype
+    assert set(out["mask"].unique().tolist()) <= set(sample["mask"].unique().tolist())
+    with pytest.raises(ValueError, match="positive"):
+        Resize((0, 3))
