@@ -1212,6 +1212,8 @@ def _round(x: Any) -> Any:
         return float(f"{x:.6g}") if math.isfinite(x) else None
     if isinstance(x, list):
         return [_round(v) for v in x]
+    if isinstance(x, Mapping):  # e.g. a list of table rows
+        return {str(k): _round(v) for k, v in x.items()}
     return x
 
 

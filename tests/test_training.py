@@ -449,3 +449,11 @@ def test_results_default_to_the_checkout_results_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("MINIKD_RESULTS_DIR", str(tmp_path / "elsewhere"))
     path = save_results("x", {"a": 1.0})
     assert path == tmp_path / "elsewhere" / "x.json" and path.is_file()
+
+
+def test_save_results_rounds_nan_inside_a_list_of_rows(tmp_path):
+    """Table rows are lists of dicts; a NaN in one (a class nobody predicts) becomes null."""
+    path = save_results("rows", {"table": [{"miou": float("nan"), "n": 3},
+                                           {"miou": torch.tensor(0.1234567)}]}, tmp_path)
+    rows = json.loads(path.read_text())["table"]
+    assert rows == [{"miou": None, "n": 3}, {"miou": 0.123457}]
