@@ -1468,8 +1468,13 @@ class RandomScale(JointTransform):
         rules = _per_pixel_rules(sample)
         s = self.min_scale + (self.max_scale - self.min_scale) * self._rand(generator)
         h, w = sample["image"].shape[-2:]
-        size = (max(1, round(h * s)), max(1, round(w * s)))
-        return {**sample, **{k: _resize(sample[k], size, mode) for k, (mode, _) in rules.items()}}
+        return _resize_sample(sample, rules, (max(1, round(h * s)), max(1, round(w * s))))
+
+
+def _resize_sample(sample: dict, rules: dict[str, tuple[str, float]], size: tuple[int, int]
+                   ) -> dict:
+    """Every per-pixel key of ``sample`` resized to ``size`` by its rule (bilinear/nearest)."""
+    return {**sample, **{k: _resize(sample[k], size, mode) for k, (mode, _) in rules.items()}}
 
 
 class Resize(JointTransform):
@@ -1488,8 +1493,7 @@ class Resize(JointTransform):
         self.size = (int(size[0]), int(size[1]))
 
     def __call__(self, sample: dict, generator: torch.Generator | None = None) -> dict:
-        rules = _per_pixel_rules(sample)
-        return {**sample, **{k: _resize(sample[k], self.size, mode) for k, (mode, _) in rules.items()}}
+        return _resize_sample(sample, _per_pixel_rules(sample), self.size)
 
 
 class RandomCrop(JointTransform):

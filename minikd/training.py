@@ -1392,10 +1392,7 @@ def train_zoo_entry(name: str, work_dir: str | os.PathLike | None = None, *,
         model.load_state_dict(pretrained(r["init"]).state_dict())
     t0 = time.perf_counter()
     if method["name"] == "adabn":
-        from minikd.adaptation import adabn
-
-        adabn(model, DataLoader(_recipe_toycity(r["target"], r["size"]),
-                                batch_size=r["batch_size"]))
+        _target_batch_norm(model, r)
         history: dict[str, Any] = {"val": [], "time_s": time.perf_counter() - t0}
     else:
         loader, loss_fn = _zoo_training_data(r, method, model)
@@ -1409,10 +1406,7 @@ def train_zoo_entry(name: str, work_dir: str | os.PathLike | None = None, *,
                                                              with_uncertainty=False)["miou"]},
                       progress=progress, desc=name)
         if method.get("target_bn"):  # trained with per-domain batch statistics: test with target's
-            from minikd.adaptation import adabn
-
-            adabn(model, DataLoader(_recipe_toycity(r["target"], r["size"]),
-                                    batch_size=r["batch_size"]))
+            _target_batch_norm(model, r)
     half = _half_state(model)
     weights = out / Path(entry["file"]).name
     _atomic_write(weights, lambda f: torch.save(half, f))
@@ -1425,6 +1419,14 @@ def train_zoo_entry(name: str, work_dir: str | os.PathLike | None = None, *,
                           "minikd": __version__, "torch": torch.__version__,
                           "date": time.strftime("%Y-%m-%d")}}
     return model, fields
+
+
+def _target_batch_norm(model: nn.Module, r: Mapping[str, Any]) -> None:
+    """AdaBN on the recipe's (un-augmented) target images: the BatchNorm statistics the model is
+    tested with."""
+    from minikd.adaptation import adabn
+
+    adabn(model, DataLoader(_recipe_toycity(r["target"], r["size"]), batch_size=r["batch_size"]))
 
 
 def _zoo_training_data(r: Mapping[str, Any], method: Mapping[str, Any], model: nn.Module
