@@ -79,6 +79,8 @@ __all__ = [
     "evaluate",
     "fit",
     "format_mean_std",
+    "class_table",
+    "pick_threads",
     "grid_search",
     "init_distributed",
     "is_main_process",
@@ -1203,6 +1205,87 @@ def grid_search(train_eval_fn: Callable[..., Mapping[str, float]],
 def format_mean_std(row: Mapping[str, Any], metric: str, digits: int = 3) -> str:
     """``"0.512 ± 0.013"`` from a ``grid_search`` row."""
     return f"{row[f'{metric}_mean']:.{digits}f} ± {row[f'{metric}_std']:.{digits}f}"
+
+
+def _idle_cores(interval_s: float = 0.25) -> float | None:
+    """How many cores sat idle over ``interval_s`` (Linux /proc/stat), or None where unknown."""
+    def snapshot() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields)  # idle + iowait
+    a = snapshot()
+    time.sleep(interval_s)
+    b = snapshot()
+    if a is None or b is None or b[1] == a[1]:
+        return None
+    return os.cpu_count() * (b[0] - a[0]) / (b[1] - a[1])
+
+
+def pick_threads(set_torch: bool = True, max_threads: int | None = None) -> int:
+    """Intra-op threads for a run on a shared machine: one per core that other programs leave idle.
+
+    torch uses one thread per core, and each operator waits for its slowest thread. When other
+    programs keep cores busy, that thread waits for the scheduler, and a small network pays the
+    wait on every operator: a step can cost many times more, not twice
+    (``benchmarks/threads_under_load.py``). Fewer threads than busy cores degrade gracefully.
+    The notebooks call this in their setup cell; it measures once, at that moment.
+
+    Args:
+        set_torch: also call ``torch.set_num_threads`` with the choice.
+        max_threads: upper bound (default: the cores this process may use).
+
+    Returns:
+        The number of threads, at least 1.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    limit = min(cores, max_threads or cores)
+    idle = _idle_cores()
+    if idle is None:
+        idle = max(0.0, cores - os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
+    n = max(1, min(limit, int(idle + 0.5)))
+    if set_torch:
+        torch.set_num_threads(n)
+    return n
+
+
+def class_table(classes: Sequence[str], rows: Sequence[tuple[str, Sequence[str], Sequence[str]]],
+                tail: Sequence[str] = ("Mean",), max_columns: int = 10, corner: str = "") -> str:
+    """A per-class Markdown table in the papers' layout (classes as columns), split into blocks.
+
+    A table of 17 or 19 classes is wider than a notebook beside JupyterLab's file browser, so
+    the classes are cut into blocks of at most ``max_columns``; each block repeats the row
+    labels, and the ``tail`` columns (the mean, a paper column) close the last block.
+
+    Args:
+        classes: the class names (the column heads).
+        rows: ``(label, per-class cells, tail cells)``, cells already formatted as text.
+        tail: heads of the columns after the classes.
+        max_columns: classes per block.
+        corner: head of the label column.
+
+    Returns:
+        Markdown text: the blocks, separated by blank lines.
+    """
+    if max_columns < 1:
+        raise ValueError(f"max_columns={max_columns}; expected at least 1.")
+    for label, cells, extra in rows:
+        if len(cells) != len(classes) or len(extra) != len(tail):
+            raise ValueError(f"row {label!r} has {len(cells)} class cells and {len(extra)} tail "
+                             f"cells; expected {len(classes)} and {len(tail)} ({list(tail)}).")
+    starts = list(range(0, len(classes), max_columns)) or [0]
+    blocks = []
+    for k, a in enumerate(starts):
+        last = k == len(starts) - 1
+        heads = list(classes[a:a + max_columns]) + (list(tail) if last else [])
+        lines = [f"| {corner} | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+        for label, cells, extra in rows:
+            body = list(cells[a:a + max_columns]) + (list(extra) if last else [])
+            lines.append(f"| {label} | " + " | ".join(body) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def _round(x: Any) -> Any:

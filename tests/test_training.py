@@ -20,7 +20,7 @@ from _train_worker import NUM_CLASSES, TinySeg, ToyDicts, ce_loss, make_loader
 from torch import nn
 from torch.utils.data import DataLoader
 
-from minikd import metrics
+from minikd import metrics, training
 from minikd.training import (
     CKPT_NAME,
     CheckpointError,
@@ -457,3 +457,40 @@ def test_save_results_rounds_nan_inside_a_list_of_rows(tmp_path):
                                            {"miou": torch.tensor(0.1234567)}]}, tmp_path)
     rows = json.loads(path.read_text())["table"]
     assert rows == [{"miou": None, "n": 3}, {"miou": 0.123457}]
+
+
+def test_class_table_splits_into_blocks_with_the_tail_last():
+    classes = [f"c{i}" for i in range(5)]
+    rows = [("A", [str(i) for i in range(5)], ["2.0", "x"]), ("B", list("abcde"), ["m", "y"])]
+    text = training.class_table(classes, rows, tail=("Mean", "paper"), max_columns=2)
+    assert text.split("\n\n") == [
+        "|  | c0 | c1 |\n|---|---|---|\n| A | 0 | 1 |\n| B | a | b |",
+        "|  | c2 | c3 |\n|---|---|---|\n| A | 2 | 3 |\n| B | c | d |",
+        "|  | c4 | Mean | paper |\n|---|---|---|---|\n| A | 4 | 2.0 | x |\n| B | e | m | y |"]
+    one = training.class_table(classes, rows[:1], tail=("Mean", "paper"))
+    assert one.count("\n\n") == 0 and one.splitlines()[0].endswith("| c4 | Mean | paper |")
+    with pytest.raises(ValueError, match="row 'A' has 5 class cells and 2 tail cells; expected 5 and 1"):
+        training.class_table(classes, rows[:1])
+
+
+def test_pick_threads_leaves_busy_cores_alone(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    for idle, expected in ((0.1, 1), (1.4, 1), (2.6, 3), (4.0, 4), (9.0, 4)):
+        monkeypatch.setattr(training, "_idle_cores", lambda idle=idle: idle)
+        assert training.pick_threads(set_torch=False) == expected, idle
+    assert training.pick_threads(set_torch=False, max_threads=2) == 2
+    monkeypatch.setattr(training, "_idle_cores", lambda: None)  # no /proc/stat: load average
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.2, 0.0, 0.0))
+    assert training.pick_threads(set_torch=False) == 1
+    before = torch.get_num_threads()
+    try:
+        assert training.pick_threads() == torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_idle_cores_reads_proc_stat():
+    idle = training._idle_cores(0.05)
+    if idle is None:
+        pytest.skip("no /proc/stat on this system")
+    assert 0.0 <= idle <= os.cpu_count() + 1e-6
