@@ -38,8 +38,8 @@ notebooks: $(STAMP)  ## notebooks only, through nbval in quick mode
 		--nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:python notebooks
 
 # Full mode's code path with capped work, on fake Cityscapes/GTA5/NYUv2 downloads built from ToyCity
-# scenes and prepared by data_scripts (a few minutes; no GPU, no real data). Executed notebooks land
-# in results/smoke/ for inspection; outputs are not compared.
+# scenes and prepared by data_scripts (a few minutes; no GPU, no real data). Each notebook runs
+# under nbval; outputs are not compared.
 SMOKE_DATA ?= data/fake
 SMOKE_ENV := HF_HUB_OFFLINE=1 TQDM_DISABLE=1 MPLBACKEND=Agg PYTHONHASHSEED=0 MINIKD_SMOKE=1 \
 	MINIKD_CITYSCAPES=$(abspath $(SMOKE_DATA))/cityscapes MINIKD_GTA5=$(abspath $(SMOKE_DATA))/gta5 \
@@ -50,7 +50,7 @@ $(SMOKE_DATA)/.done: data_scripts/make_fake_archives.py
 	@touch $@
 
 smoke: $(STAMP) $(SMOKE_DATA)/.done  ## every notebook's full mode end to end on fake data (MINIKD_SMOKE=1)
-	$(SMOKE_ENV) $(BIN)/python -m pytest tests/test_full_mode_smoke.py -v
+	$(SMOKE_ENV) $(BIN)/python -m pytest tests/test_full_mode_smoke.py -v --durations=0
 
 # Retrain every zoo entry by its recipe and rewrite minikd/zoo/manifest.json (CPU: ~25 min each).
 zoo: $(STAMP)  ## retrain the model zoo (one entry: python -m minikd.training zoo --train NAME)

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare("prepare_cityscapes.py", ["--archives", str(cs), "--out", str(out / "cityscapes"),
                                       "--with-depth", "--size", size])
     prepare("prepare_gta5.py", ["--archives", str(g5), "--out", str(out / "gta5"), "--size", size])
-    prepare("prepare_nyuv2.py", ["--npz", str(npz), "--out", str(out / "nyuv2"), "--size", "240x320"])
+    prepare("prepare_nyuv2.py", ["--npz", str(npz), "--out", str(out / "nyuv2"), "--size", f"{NYUV2_HW[0] // 2}x{NYUV2_HW[1] // 2}"])
     print("prepared; point the notebooks at them with\n"
           f"  export MINIKD_CITYSCAPES={out / 'cityscapes'} MINIKD_GTA5={out / 'gta5'} "
           f"MINIKD_NYUV2={out / 'nyuv2'}")

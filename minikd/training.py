@@ -75,17 +75,17 @@ __all__ = [
     "CKPT_NAME",
     "CheckpointError",
     "build_optimizer",
+    "class_table",
     "default_results_dir",
     "evaluate",
     "fit",
     "format_mean_std",
-    "class_table",
-    "pick_threads",
     "grid_search",
     "init_distributed",
     "is_main_process",
     "load_checkpoint",
     "load_or_train",
+    "pick_threads",
     "poly_scheduler",
     "save_results",
     "set_seed",
@@ -595,8 +595,11 @@ def _progress_bar(total: int, initial: int, enabled: bool, desc: str | None) -> 
     from tqdm.auto import tqdm
 
     env_off = os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")
+    # In a notebook (tqdm's widget bar) a finished bar is removed: a cell that trains a dozen
+    # students shows the one running, not a dozen stale bars. In a terminal it stays.
+    in_kernel = "ipykernel" in sys.modules
     return tqdm(total=total, initial=initial, desc=desc or "fit", dynamic_ncols=True,
-                disable=not enabled or env_off or not is_main_process())
+                leave=not in_kernel, disable=not enabled or env_off or not is_main_process())
 
 
 def _check_fit_args(iterations: int, ckpt_every: int | None, val_every: int | None,

@@ -83,28 +83,29 @@ def lab(tmp_path_factory):
            f"--ServerApp.root_dir={nb_dir}", "--LabApp.news_url=", "--ServerApp.open_browser=False"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")
-    log = open(work / "jupyter.log", "w")
-    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=nb_dir)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None:
-                    pytest.fail(f"JupyterLab exited: {(work / 'jupyter.log').read_text()[-2000:]}")
-                time.sleep(1)
-        else:
-            pytest.fail(f"JupyterLab did not start: {(work / 'jupyter.log').read_text()[-2000:]}")
-        yield url, token
-    finally:
-        server.terminate()
+    with open(work / "jupyter.log", "w") as log:
+        server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=nb_dir)
         try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+            yield _wait_for(server, f"http://127.0.0.1:{port}", token, work / "jupyter.log"), token
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def _wait_for(server: subprocess.Popen, url: str, token: str, log: Path) -> str:
+    """Poll the server's status API until it answers; fail with its log if it dies or stalls."""
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+            return url
+        except OSError:
+            if server.poll() is not None:
+                pytest.fail(f"JupyterLab exited: {log.read_text()[-2000:]}")
+            time.sleep(1)
+    pytest.fail(f"JupyterLab did not start in 2 min: {log.read_text()[-2000:]}")
 
 
 @pytest.fixture(scope="module")

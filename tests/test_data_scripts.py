@@ -332,3 +332,39 @@ def test_gta5_cli_resized_and_errors(tmp_path):
     with pytest.raises(common.PrepareError, match="02_images.zip has no 02_labels.zip"):
         gta5.main(["--archives", str(archives), "--out", str(tmp_path / "g2")])
     assert not (tmp_path / "g2").exists()
+
+
+# --- fake downloads (make_fake_archives.py) ----------------------------------------------------
+
+fake = _script("make_fake_archives")
+
+
+def test_fake_archives_prepare_into_what_the_loaders_read(tmp_path, monkeypatch):
+    """Tiny resolutions stand in for the real ones; prepared at the same size, nothing is resampled,
+    so labels and depth must come back exactly as ToyCity rendered them."""
+    from minikd.data import ToyCity
+
+    monkeypatch.setattr(fake, "CITYSCAPES_HW", (32, 64))
+    monkeypatch.setattr(fake, "GTA5_HW", (32, 64))
+    monkeypatch.setattr(fake, "NYUV2_HW", (32, 64))
+    monkeypatch.syspath_prepend(str(SCRIPTS.parent))  # the prepare scripts' processes find minikd
+    assert fake.main(["--out", str(tmp_path), "--per-city", "1", "--n", "2", "--size", "32x64"]) == 0
+    assert sorted(p.name for p in (tmp_path / "archives/cityscapes").iterdir()) == [
+        "camera_trainvaltest.zip", "disparity_trainvaltest.zip", "gtFine_trainvaltest.zip",
+        "leftImg8bit_trainvaltest.zip"]
+    train = Cityscapes(tmp_path / "cityscapes", "train", with_depth=True)
+    assert len(train) == 2 and len(Cityscapes(tmp_path / "cityscapes", "val")) == 1
+    scene = ToyCity(1, size=(32, 64), split="train", domain="target", seed=101)[0]
+    lut = torch.full((256,), 255, dtype=torch.long)
+    for toy, train_id in ToyCity.TO_CITYSCAPES.items():
+        lut[toy] = train_id
+    item = train[0]  # aachen, the first city: ToyCity seed 101
+    assert torch.equal(item["mask"], lut[scene["mask"]])
+    valid = item["depth"] > 0
+    assert valid.float().mean() > 0.5
+    assert torch.equal(valid, (scene["depth"] > 0) & (scene["depth"] >= 0.209313 * 2262.52 / 255.996))
+    torch.testing.assert_close(item["depth"][valid], scene["depth"][valid], rtol=2e-3, atol=0)
+    gta = GTA5(tmp_path / "gta5")
+    assert len(gta) == 2 and set(gta[0]["mask"].unique().tolist()) <= set(range(19)) | {255}
+    nyu = NYUv2(tmp_path / "nyuv2", "test")
+    assert len(nyu) == 1 and nyu[0]["image"].shape == (3, 16, 32)  # half size, as 240x320

@@ -3,6 +3,7 @@
 Reads every committed notebook (no execution) and fails, naming the notebook and the cell, when:
 - no cell is tagged ``parameters``, or that cell does not read ``MINIKD_MODE`` and
   ``MINIKD_SMOKE`` (the smoke runs of full mode, ``make smoke``);
+- any other cell reads ``SMOKE`` (full mode and its smoke run must run the same code);
 - a notebook that draws with matplotlib embeds no image in its committed outputs (a figure that
   never renders: notebook 02 had no ``%matplotlib inline`` under ``MPLBACKEND=Agg``);
 - a committed output holds an error or a traceback (a cell that failed when the notebook was last
@@ -22,6 +23,7 @@ import pytest
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 MAX_OUTPUT_LINES = 100
+SMOKE_READ = re.compile(r"\bSMOKE\b|MINIKD_SMOKE")
 DRAWS = re.compile(r"\bplt\.(show|subplots|figure|imshow|plot)\b|\.savefig\(")
 
 
@@ -44,6 +46,10 @@ def problems(nb: dict, name: str) -> list[str]:
             if var not in _source(cells[tagged[0]]):
                 found.append(f"{name}: cell {tagged[0]} is tagged 'parameters' but does not read "
                              f"{var} ({how})")
+        for i, c in enumerate(cells):
+            if i != tagged[0] and c.get("cell_type") == "code" and SMOKE_READ.search(_source(c)):
+                found.append(f"{name}: cell {i} reads SMOKE; only the parameters cell may (set a "
+                             "parameter there, so the smoke run runs what full mode runs)")
     code = [c for c in cells if c.get("cell_type") == "code"]
     drawing = [i for i, c in enumerate(cells) if c.get("cell_type") == "code" and DRAWS.search(_source(c))]
     images = sum("image/png" in o.get("data", {}) or "image/svg+xml" in o.get("data", {})
@@ -123,6 +129,10 @@ def test_the_checks_fail_on_a_notebook_with_the_defects():
     assert [p for p in problems(no_smoke, "s") if "MINIKD" in p] == [
         ("s: cell 0 is tagged 'parameters' but does not read MINIKD_SMOKE "
         "(SMOKE = os.environ.get('MINIKD_SMOKE', '0') == '1')")]
+    branch = _notebook([PARAMS, _code("n = 2 if SMOKE else 10")])
+    assert [p for p in problems(branch, "b") if "SMOKE" in p] == [
+        ("b: cell 1 reads SMOKE; only the parameters cell may (set a parameter there, so the smoke "
+        "run runs what full mode runs)")]
     no_image = _notebook([PARAMS, _code("fig, ax = plt.subplots()\nplt.show()", [])])
     assert any("embed no image" in p and "cells [1]" in p for p in problems(no_image, "02"))
     failed = _notebook([PARAMS, _code("1 / 0", [{"output_type": "error", "ename": "ZeroDivisionError",
