@@ -136,16 +136,18 @@ def _open_and_run_all(browser, lab, name: str):
     page = browser.new_page(viewport={"width": 1440, "height": 900})
     page.goto(f"{url}/lab/tree/{name}?token={token}")
     page.locator(".jp-Notebook .jp-CodeCell").first.wait_for(timeout=120_000)
-    page.wait_for_timeout(2000)  # the notebook model and its kernel session settle
-    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-    page.locator(".lm-Menu-itemLabel").get_by_text("Run All Cells", exact=True).click()
-    n_code = page.locator(".jp-Notebook .jp-CodeCell").count()
+    page.wait_for_timeout(5000)  # the notebook model and its kernel session settle
+    # Select every cell in command mode and run the selection (what Run All does).
+    page.locator(".jp-Notebook .jp-Cell").first.click()
+    page.keyboard.press("Escape")
+    page.keyboard.press("Control+a")
+    page.keyboard.press("Control+Enter")
     # Every code cell has a number in its prompt ([12]:) and none is queued or running ([*]:).
     page.wait_for_function(
-        """n => { const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]
-                           .map(e => e.textContent);
-                  return p.length === n && p.every(t => /\\[\\d+\\]/.test(t)); }""",
-        arg=n_code, timeout=RUN_TIMEOUT_MS, polling=2000)
+        """() => { const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]
+                            .map(e => e.textContent);
+                   return p.length > 0 && p.every(t => /\\[\\d+\\]/.test(t)); }""",
+        timeout=RUN_TIMEOUT_MS, polling=2000)
     page.wait_for_timeout(1500)  # the last outputs and widget views settle
     return page
 
