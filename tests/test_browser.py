@@ -134,11 +134,11 @@ def _open_and_run_all(browser, lab, name: str):
     """Open notebook ``name`` in JupyterLab, run every cell, wait until all have finished."""
     url, token = lab
     page = browser.new_page(viewport={"width": 1440, "height": 900})
-    page.goto(f"{url}/lab/tree/{name}?token={token}")
+    page.goto(f"{url}/lab/tree/{name}?token={token}&reset")  # a fresh layout: only this notebook
     page.locator(".jp-Notebook .jp-CodeCell").first.wait_for(timeout=120_000)
     page.wait_for_timeout(5000)  # the notebook model and its kernel session settle
     # Select every cell in command mode and run the selection (what Run All does).
-    page.locator(".jp-Notebook .jp-Cell").first.click()
+    page.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt").first.click()
     page.keyboard.press("Escape")
     page.keyboard.press("Control+a")
     page.keyboard.press("Control+Enter")
