@@ -3,8 +3,8 @@
 Usage: python tests/_run_notebook.py NOTEBOOK OUT.ipynb [--timeout S]
 
 Prints each code cell's wall time (so a slow or hung cell is named), and on a failing cell its
-source and traceback; the exit status is 1 when a cell failed. Run as its own process by
-tests/test_full_mode_smoke.py, so a kernel that hangs on shutdown cannot hang pytest.
+source and traceback; the exit status is 1 when a cell failed. For looking at a smoke run's
+outputs by hand (the smoke test itself runs the notebooks under nbval, which saves none).
 """
 
 from __future__ import annotations
