@@ -35,7 +35,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -66,6 +66,7 @@ __all__ = [
     "Resize",
     "ToyCity",
     "Unlabelled",
+    "class_legend",
     "colorize",
     "disparity_to_depth",
     "eval_transforms",
@@ -1332,6 +1333,30 @@ def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name}={value!r}; expected one of {', '.join(map(repr, choices))}.")
     return value
+
+
+def class_legend(ax: Any, classes: Sequence[str] = ToyCity.CLASSES,
+                 palette: Sequence[tuple[int, int, int]] = ToyCity.PALETTE,
+                 present: Sequence[int] | None = None, **kw: Any) -> Any:
+    """A class-colour legend beside a label map drawn with ``colorize`` (matplotlib ``Axes``).
+
+    Args:
+        ax: the axes of the label map; the legend goes to its right.
+        classes, palette: names and RGB colours (default ToyCity's, i.e. Cityscapes').
+        present: class ids to list (e.g. those in the shown map); default all.
+        **kw: passed to ``ax.legend`` (e.g. ``fontsize``).
+
+    Returns:
+        The legend. Taught in notebooks/04_emuformer.ipynb.
+    """
+    from matplotlib.patches import Patch
+
+    ids = range(len(classes)) if present is None else sorted(int(i) for i in present)
+    handles = [Patch(color=np.asarray(palette[i]) / 255, label=classes[i]) for i in ids
+               if 0 <= i < len(classes)]
+    kw = {"loc": "center left", "bbox_to_anchor": (1.01, 0.5), "fontsize": 7, "frameon": False,
+          **kw}
+    return ax.legend(handles=handles, **kw)
 
 
 def colorize(mask: torch.Tensor | np.ndarray,

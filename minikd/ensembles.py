@@ -77,6 +77,7 @@ __all__ = [
     "CachedTargets",
     "DeepEnsemble",
     "DeepSubEnsemble",
+    "LiveTeacher",
     "MCDropout",
     "StreamingStatistics",
     "TeacherCache",
@@ -1178,6 +1179,60 @@ class _Preprocessed(Dataset):
         if self.preprocess is not None:
             sample = self.preprocess(sample)
         return {"image": sample["image"], "index": int(sample.get("index", i))}
+
+
+class LiveTeacher:
+    """Teacher targets computed on every training batch, on a freshly colour-jittered copy.
+
+    The alternative to a ``TeacherCache`` where caching does not fit (full mode: a 10-member
+    ensemble's softmax over 2975 Cityscapes images at 1024×2048 would take ~240 GB). For each
+    batch, every image gets its own jitter (``transform``, e.g. ``data.ColorJitter()``; the
+    student keeps the un-jittered image), ``preprocess`` runs, and the teacher's statistics are
+    added under the ``TARGET_KEYS`` names ("teacher_probs", "teacher_depth_var", ...), as a
+    ``CachedTargets`` sample carries them. This is the paper's procedure (a new x̃ at every
+    step, EMUFormer §3.3); its cost is the teacher's forward pass at every step.
+
+    Args:
+        teacher: a ``DeepEnsemble`` (or anything with ``predict``) or a model.
+        targets: the statistics to add (default: EMUFormer's "probs" and "depth_var").
+        transform: jitter applied to each image (a sample-dict transform); None = no jitter.
+        preprocess: applied after the jitter (e.g. ``data.Normalize()``), teacher input only.
+
+    References:
+        EMUFormer (Landgraf et al. 2024) §3.3, Eqs. 8-10. Taught in notebooks/04_emuformer.ipynb.
+    """
+
+    def __init__(self, teacher: nn.Module, targets: Sequence[str] = ("probs", "depth_var"),
+                 transform: Callable[..., dict] | None = None,
+                 preprocess: Callable[..., dict] | None = None):
+        unknown = [t for t in targets if t not in TARGET_KEYS]
+        if unknown:
+            raise ValueError(f"LiveTeacher targets {unknown} are not teacher statistics; "
+                             f"expected names from {list(TARGET_KEYS)}.")
+        self.teacher, self.targets = teacher, tuple(targets)
+        self.transform, self.preprocess = transform, preprocess
+
+    def teacher_input(self, images: Tensor) -> Tensor:
+        """The batch as the teacher sees it: each image jittered (then preprocessed)."""
+        if self.transform is None and self.preprocess is None:
+            return images
+        out = []
+        for img in images:
+            sample = {"image": img}
+            if self.transform is not None:
+                sample = self.transform(sample)
+            if self.preprocess is not None:
+                sample = self.preprocess(sample)
+            out.append(sample["image"])
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        """``batch`` plus the teacher's targets on the jittered images."""
+        request = tuple(dict.fromkeys(("probs",) + self.targets if "entropy" in self.targets
+                                      else self.targets))
+        out = _teacher_outputs(self.teacher, self.teacher_input(batch["image"]), request)
+        return {**batch, **{TARGET_KEYS[t]: out[t] for t in self.targets}}
 
 
 class CachedTargets(Dataset):

@@ -24,7 +24,7 @@ cross-entropy and the depth NLL skip the padding on their own.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -1065,6 +1065,8 @@ class EMUFormerLoss:
         var_key: batch key of the teacher's predictive variance σ².
         depth_loss: "gnll" (Eq. 6, default), "mse" or "huber" (``depth_regression_loss``).
         huber_delta: δ of the Huber loss (torch's default 1.0; the paper gives none).
+        teacher: optional ``ensembles.LiveTeacher``: the teacher targets are computed on each
+            batch (on a jittered copy of its images) instead of read from a cache.
 
     Returns (when called):
         (loss, {"ce", depth_loss, "kl", "rmsle"}), terms unweighted and detached.
@@ -1075,12 +1077,15 @@ class EMUFormerLoss:
 
     def __init__(self, weights: tuple[float, float, float] = (1.0, 10.0, 1.0),
                  ignore_index: int = 255, var_key: str = "teacher_depth_var",
-                 depth_loss: str = "gnll", huber_delta: float = 1.0) -> None:
+                 depth_loss: str = "gnll", huber_delta: float = 1.0,
+                 teacher: Callable[[dict], dict] | None = None) -> None:
         _check_depth_loss(depth_loss)
         self.weights, self.ignore_index, self.var_key = weights, ignore_index, var_key
-        self.depth_loss, self.huber_delta = depth_loss, huber_delta
+        self.depth_loss, self.huber_delta, self.teacher = depth_loss, huber_delta, teacher
 
     def __call__(self, outputs, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.teacher is not None:
+            batch = self.teacher(batch)
         outputs = _outputs_with(outputs, ("logits", "depth", "depth_var"), "EMUFormerLoss",
                                 "a models.SegDepthFormer",
                                 "Train a models.SegDepthFormer (segmentation plus depth with its "

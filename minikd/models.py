@@ -48,6 +48,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import segmentation_models_pytorch as smp
@@ -58,6 +59,7 @@ from torch import Tensor, nn
 from minikd.metrics import count_parameters  # re-exported: one definition, in metrics.py
 
 __all__ = [
+    "SMALL_MIT",
     "SUPPORTED_ARCHS",
     "SUPPORTED_ENCODERS",
     "TEACHERS_FILE",
@@ -69,7 +71,9 @@ __all__ = [
     "ClassWiseUncertaintyStudent",
     "DUDESStudent",
     "DepthFormer",
+    "FormerTrunk",
     "SegDepthFormer",
+    "SegDepthHead",
     "SegFormer",
     "Segmenter",
     "UNet",
@@ -83,6 +87,7 @@ __all__ = [
     "load_teachers",
     "param_groups",
     "pretrained",
+    "segdepthformer_sub_ensemble",
     "set_encoder_dropout",
     "unet_family",
     "zoo_entry",
@@ -661,6 +666,30 @@ def set_encoder_dropout(encoder: nn.Module, p: float) -> int:
     return len(layers)
 
 
+# MiT encoders shrunk for quick mode on a CPU (no ImageNet weights exist for them). The name says
+# how: "mit_b0/2" is MiT-B0 at (about) half width (embedding dims 16-32-64-96 for 32-64-160-256)
+# with one Transformer block per stage instead of two; patch embeddings, efficient
+# self-attention with the same reduction ratios (8, 4, 2, 1) and Mix-FFN are B0's.
+SMALL_MIT: dict[str, dict[str, Any]] = {
+    "mit_b0/2": {"embed_dims": [16, 32, 64, 96], "num_heads": [1, 1, 2, 2],
+                 "depths": [1, 1, 1, 1]},
+}
+
+
+def _mit_encoder(name: str) -> nn.Module:
+    """An smp MiT encoder by name: smp's own (mit_b0..b5) or one of ``SMALL_MIT``."""
+    if name not in SMALL_MIT:
+        return smp.encoders.get_encoder(name, weights=None)
+    from segmentation_models_pytorch.encoders.mix_transformer import (
+        MixVisionTransformerEncoder,
+        mix_transformer_encoders,
+    )
+
+    params = {**mix_transformer_encoders["mit_b0"]["params"], **SMALL_MIT[name]}
+    params["out_channels"] = [3, 0, *SMALL_MIT[name]["embed_dims"]]
+    return MixVisionTransformerEncoder(**params)
+
+
 class _Former(_ParamGroupsMixin, nn.Module):
     """A hierarchical encoder (MiT by default, via smp) plus all-MLP decoders built by subclasses.
 
@@ -672,11 +701,16 @@ class _Former(_ParamGroupsMixin, nn.Module):
     def __init__(self, encoder: str, dropout: float, pretrained: bool,
                  weights_path: str | os.PathLike | None, decoder_dim: int | None):
         super().__init__()
-        _check_encoder(encoder)
+        if encoder not in SMALL_MIT:
+            _check_encoder(encoder)
+        elif pretrained:
+            raise ValueError(f"{encoder!r} is a MiT shrunk for quick mode (models.SMALL_MIT); no "
+                             "ImageNet weights exist for it. Pass pretrained=False, or use "
+                             "'mit_b0'..'mit_b5' (EMUFormer: 'mit_b2') for pre-trained weights.")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {dropout}.")
         try:
-            self.encoder = smp.encoders.get_encoder(encoder, weights=None)
+            self.encoder = _mit_encoder(encoder)
         except (ValueError, KeyError) as err:
             raise ValueError(f"cannot build encoder {encoder!r}: {err}") from err
         _init_encoder(self.encoder, encoder, pretrained, weights_path)
@@ -773,6 +807,61 @@ class SegDepthFormer(SegFormer):
         features = self.encode(x)
         logits = _upsample(self.seg_decoder(features), x)
         return {"logits": logits, **_depth_outputs(self.depth_decoder(features), x)}
+
+
+class FormerTrunk(nn.Module):
+    """The shared MiT encoder of a Former as a module: ``x -> [4 stage features]``."""
+
+    def __init__(self, former: _Former):
+        super().__init__()
+        self.encoder, self.output_stride, self.name = former.encoder, former.output_stride, former.name
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        check_input(x, self.output_stride, self.name)
+        return self.encoder(x)[-4:]
+
+
+class SegDepthHead(nn.Module):
+    """SegDepthFormer's two all-MLP decoders as one head on the encoder's stage features.
+
+    ``forward(features)`` returns ``{"logits", "depth", "depth_var"}`` at 4x the finest stage
+    (the input size: MiT's finest stage has stride 4), as ``SegDepthFormer`` does.
+    """
+
+    def __init__(self, stage_channels: list[int], dim: int, num_classes: int,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.seg_decoder = AllMLPDecoder(stage_channels, dim, num_classes, dropout)
+        self.depth_decoder = AllMLPDecoder(stage_channels, dim, 2, dropout)
+
+    def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
+        size = tuple(4 * n for n in features[0].shape[-2:])
+        logits = F.interpolate(self.seg_decoder(features), size, mode="bilinear",
+                               align_corners=False)
+        raw = F.interpolate(self.depth_decoder(features), size, mode="bilinear",
+                            align_corners=False)
+        return {"logits": logits, "depth": F.relu(raw[:, 0]), "depth_var": F.softplus(raw[:, 1])}
+
+
+def segdepthformer_sub_ensemble(encoder: str = "mit_b0", num_classes: int | None = None,
+                                n_heads: int = 10, dropout: float = 0.0,
+                                pretrained: bool = False, decoder_dim: int | None = None,
+                                weights_path: str | os.PathLike | None = None) -> nn.Module:
+    """A deep sub-ensemble of SegDepthFormer: one MiT encoder, ``n_heads`` pairs of decoders.
+
+    Each head is a segmentation and a depth all-MLP decoder (``SegDepthHead``), independently
+    initialised; in training one head per batch is updated, in turn (``ensembles.
+    DeepSubEnsemble``). Arguments as ``SegDepthFormer`` plus ``n_heads`` (EMUFormer: 10).
+
+    References:
+        Valdenegro-Toro 2023; EMUFormer (Landgraf et al. 2024) §4 "Deep Sub-Ensemble", Tables
+        2-3. Taught in notebooks/04_emuformer.ipynb.
+    """
+    from minikd.ensembles import DeepSubEnsemble
+
+    base = SegDepthFormer(encoder, num_classes, dropout, pretrained, weights_path, decoder_dim)
+    return DeepSubEnsemble(FormerTrunk(base), lambda: SegDepthHead(
+        base.stage_channels, base.decoder_dim, num_classes, dropout), n_heads)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -893,7 +982,7 @@ ZOO_MANIFEST = ZOO_DIR / "manifest.json"
 _ZOO_FORMAT = "minikd-zoo-1"
 #: The model constructors a manifest entry may name as its ``builder``.
 ZOO_BUILDERS = ("unet_family", "UNet", "light_unet", "build_segmenter", "DUDESStudent",
-                "SegFormer", "DepthFormer", "SegDepthFormer")
+                "SegFormer", "DepthFormer", "SegDepthFormer", "segdepthformer_sub_ensemble")
 
 
 class ZooError(RuntimeError):

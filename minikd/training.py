@@ -1383,11 +1383,21 @@ def _recipe_toycity(spec: Mapping[str, Any], size: Sequence[int], transform: Any
                    seed=spec["seed"], cache=True, transform=transform)
 
 
-def _recipe_loss(name: str) -> Callable[..., Any]:
-    from minikd.losses import cross_entropy
+#: Recipe losses: CE for segmenters; EMUFormer's Eq. 7 (CE + GNLL) for SegDepthFormer and its
+#: sub-ensemble; Eq. 6 (GNLL) for a DepthFormer (notebook 04).
+ZOO_LOSSES = ("cross_entropy", "seg_depth", "depth_gnll")
 
-    if name != "cross_entropy":
-        raise ValueError(f"zoo recipe loss {name!r} is not known; expected 'cross_entropy'.")
+
+def _recipe_loss(name: str) -> Callable[..., Any]:
+    from minikd.losses import DepthGNLLLoss, SegDepthLoss, cross_entropy
+
+    if name not in ZOO_LOSSES:
+        raise ValueError(f"zoo recipe loss {name!r} is not known; expected one of "
+                         f"{list(ZOO_LOSSES)}.")
+    if name == "seg_depth":
+        return SegDepthLoss()
+    if name == "depth_gnll":
+        return DepthGNLLLoss()
     return lambda logits, batch: cross_entropy(logits, batch["mask"])
 
 
@@ -1421,15 +1431,41 @@ def _zoo_figures(model: nn.Module, manifest: Mapping[str, Any], size: Sequence[i
     from minikd.data import ToyCity
 
     val = zoo_validation_spec(manifest, entry)
-    full = evaluate(model, DataLoader(zoo_validation_set(manifest, size, entry=entry),
-                                      batch_size=16),
-                    ToyCity.NUM_CLASSES, device="cpu", with_uncertainty=False)
-    check = evaluate(model, DataLoader(zoo_validation_set(manifest, size, val["check_n"], entry),
-                                       batch_size=16), ToyCity.NUM_CLASSES, device="cpu",
-                     with_uncertainty=False)
-    return {"miou": round(full["miou"], 4), "pixel_acc": round(full["pixel_acc"], 4),
-            "iou": {c: round(v, 4) for c, v in zip(ToyCity.CLASSES, full["iou"])},
-            "check_miou": round(check["miou"], 6)}
+    full = zoo_evaluate(model, DataLoader(zoo_validation_set(manifest, size, entry=entry),
+                                          batch_size=16))
+    check = zoo_evaluate(model, DataLoader(zoo_validation_set(manifest, size, val["check_n"],
+                                                              entry), batch_size=16))
+    out: dict[str, Any] = {}
+    if "miou" in full:
+        out.update(miou=round(full["miou"], 4), pixel_acc=round(full["pixel_acc"], 4),
+                   iou={c: round(v, 4) for c, v in zip(ToyCity.CLASSES, full["iou"])},
+                   check_miou=round(check["miou"], 6))
+    if "depth_rmse" in full:  # the depth models of notebook 04 (metres)
+        out.update(depth_rmse=round(full["depth_rmse"], 4),
+                   depth_delta1=round(full["depth_delta1"], 4),
+                   check_depth_rmse=round(check["depth_rmse"], 6))
+    return out
+
+
+def zoo_evaluate(model: nn.Module, loader: DataLoader) -> dict[str, Any]:
+    """The zoo's figures of a model on ``loader``: mIoU etc. for a segmenter, depth RMSE and δ1
+    for a depth model, both for a joint one (no uncertainty metrics; CPU)."""
+    from minikd.data import ToyCity
+
+    with torch.no_grad():
+        first = next(iter(loader))["image"][:1]
+        model.eval()
+        out = model.predict(first) if hasattr(model, "predict") else model(first)
+    seg = not isinstance(out, dict) or "logits" in out or "probs" in out
+    res = evaluate(model, loader, ToyCity.NUM_CLASSES if seg else None, device="cpu",
+                   with_uncertainty=False)
+    return {k: v for k, v in res.items() if seg or not k.startswith(("miou", "iou", "pixel",
+                                                                     "ece"))}
+
+
+def _curve_point(model: nn.Module, loader: DataLoader) -> dict[str, float]:
+    res = zoo_evaluate(model, loader)
+    return {k: res[k] for k in ("miou", "depth_rmse") if k in res}
 
 
 def _half_state(model: nn.Module) -> dict[str, Tensor]:
@@ -1488,8 +1524,7 @@ def train_zoo_entry(name: str, work_dir: str | os.PathLike | None = None, *,
                       decoder_lr_mult=r["decoder_lr_mult"], poly_power=r["poly_power"],
                       device="cpu", ckpt_dir=out / "checkpoint", seed=r["seed"],
                       val_loader=DataLoader(curve_set, batch_size=16), val_every=r["val_every"],
-                      val_fn=lambda m, dl: {"miou": evaluate(m, dl, None, device="cpu",
-                                                             with_uncertainty=False)["miou"]},
+                      val_fn=_curve_point,
                       progress=progress, desc=name)
         if method.get("target_bn"):  # trained with per-domain batch statistics: test with target's
             _target_batch_norm(model, r)
@@ -1499,7 +1534,8 @@ def train_zoo_entry(name: str, work_dir: str | os.PathLike | None = None, *,
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.items()})
     model.eval()
     fields = {"weights": str(weights), "val": _zoo_figures(model, manifest, r["size"], entry),
-              "curve": [{"step": v["step"], "miou": round(v["miou"], 4)} for v in history["val"]],
+              "curve": [{"step": v["step"], **{k: round(v[k], 4) for k in ("miou", "depth_rmse")
+                                              if k in v}} for v in history["val"]],
               "trained": {"time_s": round(history["time_s"] or time.perf_counter() - t0),
                           "machine": _machine(), "threads": torch.get_num_threads(),
                           "minikd": __version__, "torch": torch.__version__,

@@ -476,3 +476,76 @@ def test_a_cache_built_otherwise_is_not_loaded_silently(tmp_path):
     assert old.settings is None and torch.equal(old.targets["probs"], built.targets["probs"])
     fewer = ensembles.TeacherCache.build_or_load(path, _teacher(), _Images(), targets=("probs",))
     assert torch.equal(fewer.targets["probs"], built.targets["probs"])  # a superset loads
+
+
+# --------------------------------------------------------------------------- 5. notebook 04's models
+def test_small_mit_is_b0_at_half_width_and_refuses_imagenet_weights():
+    torch.manual_seed(0)
+    net = models.SegDepthFormer("mit_b0/2", num_classes=5, decoder_dim=16)
+    assert net.stage_channels == models.SMALL_MIT["mit_b0/2"]["embed_dims"] == [16, 32, 64, 96]
+    blocks = [len(getattr(net.encoder, f"block{i}")) for i in range(1, 5)]
+    assert blocks == [1, 1, 1, 1]  # B0 has two per stage
+    out = net(torch.rand(2, 3, 32, 64))
+    assert out["logits"].shape == (2, 5, 32, 64) and out["depth_var"].shape == (2, 32, 64)
+    assert bool((out["depth"] >= 0).all()) and bool((out["depth_var"] > 0).all())
+    assert models.SegDepthFormer("mit_b0/2", 5, dropout=0.2) is not None
+    with pytest.raises(ValueError, match="no ImageNet weights exist"):
+        models.SegFormer("mit_b0/2", 5, pretrained=True)
+
+
+def test_segdepthformer_sub_ensemble_trains_one_head_and_votes_with_all():
+    torch.manual_seed(0)
+    dse = models.segdepthformer_sub_ensemble("mit_b0/2", num_classes=4, n_heads=3,
+                                             decoder_dim=8)
+    x = torch.rand(2, 3, 32, 32, generator=_gen(1))
+    dse.train()
+    out = dse(x)  # head 0 in turn
+    assert set(out) == {"logits", "depth", "depth_var"} and out["logits"].shape == (2, 4, 32, 32)
+    (out["logits"].mean() + out["depth"].mean() + out["depth_var"].mean()).backward()
+    grads = [any(p.grad is not None for p in h.parameters()) for h in dse.heads]
+    assert grads == [True, False, False]
+    assert any(p.grad is not None for p in dse.trunk.parameters())
+    dse.eval()
+    with torch.no_grad():
+        feats = dse.trunk(x)
+        heads = [h(feats) for h in dse.heads]
+        got = dse(x)
+    probs = torch.stack([h["logits"].softmax(1) for h in heads]).mean(0)
+    mu = torch.stack([h["depth"] for h in heads])
+    s2 = torch.stack([h["depth_var"] for h in heads])
+    torch.testing.assert_close(got["logits"].exp(), probs)
+    torch.testing.assert_close(got["depth"], mu.mean(0))
+    torch.testing.assert_close(got["depth_var"],
+                               s2.mean(0) + ((mu - mu.mean(0)) ** 2).mean(0))  # Eq. 10
+
+
+def test_live_teacher_jitters_the_teacher_only_and_matches_its_predict():
+    teacher = _teacher()
+    images = torch.stack(_Images(n=4).images)
+    batch = {"image": images, "mask": torch.zeros(4, 4, 5, dtype=torch.long)}
+    plain = ensembles.LiveTeacher(teacher)(batch)
+    want = teacher.predict(images)
+    torch.testing.assert_close(plain["teacher_probs"], want["probs"])
+    torch.testing.assert_close(plain["teacher_depth_var"], want["depth_var"])
+    live = ensembles.LiveTeacher(teacher, transform=ColorJitter())
+    torch.manual_seed(5)
+    jittered = live.teacher_input(images)
+    assert not torch.allclose(jittered, images)
+    torch.manual_seed(5)
+    got = live(batch)
+    assert got["image"] is images  # the student's input is untouched
+    torch.testing.assert_close(got["teacher_probs"], teacher.predict(jittered)["probs"])
+    with pytest.raises(ValueError, match="not teacher statistics"):
+        ensembles.LiveTeacher(teacher, targets=("probabilities",))
+
+
+def test_emuformer_loss_with_a_live_teacher_equals_the_cached_targets():
+    teacher = _teacher()
+    images = torch.stack(_Images(n=2, size=(H, W)).images)
+    batch = {"image": images, **_depth_batch()}
+    outputs = _student()
+    live = ensembles.LiveTeacher(teacher)
+    want, want_terms = losses.EMUFormerLoss()(outputs, live(batch))
+    got, terms = losses.EMUFormerLoss(teacher=live)(outputs, batch)
+    torch.testing.assert_close(got, want)
+    assert terms.keys() == want_terms.keys()

@@ -27,6 +27,7 @@ TINY = "toy/tiny"
 TRAIN_HINT = "python -m minikd.training zoo --train"
 MAX_ZOO_BYTES = 40 * 1024 * 1024
 CHECK_TOL = 0.005  # |measured - recorded| check_miou
+CHECK_RMSE_TOL = 0.005  # |measured - recorded| check_depth_rmse, relative (depth models)
 PLATEAU_TOL = 0.03  # the curve's last point within this of its best
 
 
@@ -47,15 +48,23 @@ def _check_reproduces(name: str, entry: dict, manifest: dict, model: torch.nn.Mo
     r = entry["recipe"]
     spec = training.zoo_validation_spec(manifest, entry)
     val = training.zoo_validation_set(manifest, r["size"], spec["check_n"], entry)
-    measured = training.evaluate(model, DataLoader(val, batch_size=16), ToyCity.NUM_CLASSES,
-                                 device="cpu", with_uncertainty=False)["miou"]
-    recorded = entry["val"]["check_miou"]
-    assert abs(measured - recorded) <= CHECK_TOL, (
-        f"stale zoo entry {name!r}: check_miou on the first {spec['check_n']} {spec['domain']} "
-        f"validation images is {measured:.6f}, the manifest records {recorded:.6f} (tolerance "
-        f"{CHECK_TOL}); ToyCity or {entry['builder']} changed since it was trained. Retrain it "
-        f"with `{models.retrain_command(name)}`")
-    return measured
+    res = training.zoo_evaluate(model, DataLoader(val, batch_size=16))
+    measured = None
+    for key, figure, tol in (("check_miou", "miou", CHECK_TOL),
+                             ("check_depth_rmse", "depth_rmse", CHECK_RMSE_TOL)):
+        if key not in entry["val"]:
+            continue
+        measured, recorded = res[figure], entry["val"][key]
+        if key == "check_depth_rmse":
+            tol *= recorded  # relative
+        assert abs(measured - recorded) <= tol, (
+            f"stale zoo entry {name!r}: {key} on the first {spec['check_n']} {spec['domain']} "
+            f"validation images is {measured:.6f}, the manifest records {recorded:.6f} "
+            f"(tolerance {tol:.4g}); ToyCity or {entry['builder']} changed since it was trained. "
+            f"Retrain it with `{models.retrain_command(name)}`")
+    assert measured is not None, f"{name}: the manifest records neither check_miou nor " \
+        "check_depth_rmse"
+    return res["miou"] if "check_miou" in entry["val"] else measured
 
 
 def _states_equal(a: dict, b: dict) -> bool:
@@ -149,10 +158,16 @@ def test_zoo_entry_records_figures_and_a_plateaued_curve(name):
     assert not missing, f"{name}: manifest entry lacks {sorted(missing)}"
     assert entry["command"] == models.retrain_command(name)
     val = entry["val"]
-    assert {"miou", "pixel_acc", "iou", "check_miou"} <= set(val)
-    assert list(val["iou"]) == list(ToyCity.CLASSES)
-    for v in [val["miou"], val["pixel_acc"], val["check_miou"], *val["iou"].values()]:
-        assert math.isfinite(v) and 0.0 <= v <= 1.0, f"{name}: bad figure {v}"
+    seg = entry["recipe"]["loss"] != "depth_gnll"  # a DepthFormer has no segmentation figures
+    depth = entry["recipe"]["loss"] in ("seg_depth", "depth_gnll")
+    if seg:
+        assert {"miou", "pixel_acc", "iou", "check_miou"} <= set(val)
+        assert list(val["iou"]) == list(ToyCity.CLASSES)
+        for v in [val["miou"], val["pixel_acc"], val["check_miou"], *val["iou"].values()]:
+            assert math.isfinite(v) and 0.0 <= v <= 1.0, f"{name}: bad figure {v}"
+    if depth:
+        assert {"depth_rmse", "depth_delta1", "check_depth_rmse"} <= set(val)
+        assert 0 < val["depth_rmse"] < 100 and 0 <= val["depth_delta1"] <= 1
     assert {"time_s", "machine", "threads", "minikd", "torch", "date"} <= set(entry["trained"])
     curve = entry["curve"]
     if entry["recipe"]["iterations"] == 0:  # AdaBN: statistics re-estimated, no gradient step
@@ -163,10 +178,16 @@ def test_zoo_entry_records_figures_and_a_plateaued_curve(name):
     assert len(curve) >= 3, f"{name}: the curve has {len(curve)} points"
     steps = [p["step"] for p in curve]
     assert steps == sorted(steps) and steps[-1] == entry["recipe"]["iterations"]
-    mious = [p["miou"] for p in curve]
-    assert mious[-1] >= max(mious) - PLATEAU_TOL, (
-        f"{name}: no plateau, last mIoU {mious[-1]:.3f} vs best {max(mious):.3f}; train longer "
-        f"and retrain with `{models.retrain_command(name)}`")
+    if seg:
+        mious = [p["miou"] for p in curve]
+        assert mious[-1] >= max(mious) - PLATEAU_TOL, (
+            f"{name}: no plateau, last mIoU {mious[-1]:.3f} vs best {max(mious):.3f}; train "
+            f"longer and retrain with `{models.retrain_command(name)}`")
+    else:  # depth RMSE in metres, lower is better: the last within 3 % of the best
+        rmses = [p["depth_rmse"] for p in curve]
+        assert rmses[-1] <= min(rmses) * (1 + PLATEAU_TOL), (
+            f"{name}: no plateau, last depth RMSE {rmses[-1]:.3f} m vs best {min(rmses):.3f} m; "
+            f"train longer and retrain with `{models.retrain_command(name)}`")
 
 
 def test_zoo_size_and_no_stray_weights():
