@@ -1691,7 +1691,9 @@ def zoo_main(argv: Sequence[str]) -> None:
     for name in list(entries) if args.train_all else [args.train]:
         _, fields = train_zoo_entry(name, args.work_dir)
         publish_zoo_entry(name, fields)
-        print(f"{name}: val mIoU {fields['val']['miou']:.3f}; manifest updated")
+        figs = ", ".join(f"{k} {fields['val'][k]:.3f}" for k in ("miou", "depth_rmse")
+                         if k in fields["val"])
+        print(f"{name}: val {figs}; manifest updated")
 
 
 # =========================================================================== torchrun demo
