@@ -1691,8 +1691,8 @@ def zoo_main(argv: Sequence[str]) -> None:
     for name in list(entries) if args.train_all else [args.train]:
         _, fields = train_zoo_entry(name, args.work_dir)
         publish_zoo_entry(name, fields)
-        figs = ", ".join(f"{k} {fields['val'][k]:.3f}" for k in ("miou", "depth_rmse")
-                         if k in fields["val"])
+        figs = ", ".join(f"{label} {fields['val'][k]:.3f}" for k, label in
+                         (("miou", "mIoU"), ("depth_rmse", "depth RMSE")) if k in fields["val"])
         print(f"{name}: val {figs}; manifest updated")
 
 
