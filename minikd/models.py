@@ -626,11 +626,13 @@ class AllMLPDecoder(nn.Module):
         return self.head(self.forward_features(features))
 
 
-def _upsample(t: Tensor, x: Tensor) -> Tensor:
-    return F.interpolate(t, x.shape[-2:], mode="bilinear", align_corners=False)
+def _upsample(t: Tensor, x: Tensor | tuple[int, ...]) -> Tensor:
+    """Bilinear resize of ``t`` to the size of ``x`` (an input tensor or an ``(H, W)`` size)."""
+    size = x.shape[-2:] if isinstance(x, Tensor) else x
+    return F.interpolate(t, size, mode="bilinear", align_corners=False)
 
 
-def _depth_outputs(raw: Tensor, x: Tensor) -> dict[str, Tensor]:
+def _depth_outputs(raw: Tensor, x: Tensor | tuple[int, ...]) -> dict[str, Tensor]:
     """Two raw channels -> ReLU mean and Softplus variance ``[B, H, W]`` (EMUFormer Eqs. 4-5)."""
     raw = _upsample(raw, x)
     return {"depth": F.relu(raw[:, 0]), "depth_var": F.softplus(raw[:, 1])}
@@ -836,11 +838,8 @@ class SegDepthHead(nn.Module):
 
     def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
         size = tuple(4 * n for n in features[0].shape[-2:])
-        logits = F.interpolate(self.seg_decoder(features), size, mode="bilinear",
-                               align_corners=False)
-        raw = F.interpolate(self.depth_decoder(features), size, mode="bilinear",
-                            align_corners=False)
-        return {"logits": logits, "depth": F.relu(raw[:, 0]), "depth_var": F.softplus(raw[:, 1])}
+        return {"logits": _upsample(self.seg_decoder(features), size),
+                **_depth_outputs(self.depth_decoder(features), size)}
 
 
 def segdepthformer_sub_ensemble(encoder: str = "mit_b0", num_classes: int | None = None,
