@@ -1,8 +1,9 @@
 """Distillation losses for segmentation and depth, each written as its paper writes it.
 
 Pixel-wise Hinton KD and its reduction conventions (notebook 01), channel-wise distillation,
-the SKD pair-wise and IFVD feature losses (fair baselines, notebook 06), the DUDES uncertainty
-loss (RMSLE) and the EMUFormer multi-task loss (CE + GNLL + KL + RMSLE).
+the SKD pair-wise and IFVD feature losses and SKD's adversarial holistic loss (WGAN-GP
+discriminator; fair baselines, notebook 06), the DUDES uncertainty loss (RMSLE) and the
+EMUFormer multi-task loss (CE + GNLL + KL + RMSLE).
 
 Shapes follow the repo convention: logits/probabilities [B, C, H, W]; labels, uncertainty,
 depth and masks [B, H, W]; ignore label 255. Every loss is computed in float32 (inputs under
@@ -28,7 +29,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from minikd.metrics import check_labels, check_probabilities
 
@@ -40,6 +41,8 @@ __all__ = [
     "DepthGNLLLoss",
     "DistillationLoss",
     "EMUFormerLoss",
+    "HolisticLoss",
+    "SKDDiscriminator",
     "SegDepthLoss",
     "alpha_mix",
     "ce_plus_kd",
@@ -56,6 +59,7 @@ __all__ = [
     "kd_loss_reduction",
     "rmsle_loss",
     "skd_pairwise_loss",
+    "wgan_gp_penalty",
 ]
 
 # --------------------------------------------------------------------------- validation helpers
@@ -799,6 +803,264 @@ def ifvd_loss(
     ifv_t = _ifv_map(ft.detach().float(), small, num_classes)
     sq = (ifv_s - ifv_t) ** 2
     return sq.mean() if count_ignored else _masked_mean(sq, ignore)
+
+
+# --------------------------------------------------------------------------- holistic loss (SKD)
+
+
+def _check_conditional_pair(seg: Tensor, image: Tensor, seg_name: str,
+                            num_classes: int | None = None, in_channels: int | None = None
+                            ) -> None:
+    """A segmentation map [B, C, H, W] and its image [B, 3, H, W], both floating, same B, H, W."""
+    _check_ndim(seg, 4, seg_name, "[B, C, H, W]")
+    _check_ndim(image, 4, "image", "[B, 3, H, W]")
+    for x, name in ((seg, seg_name), (image, "image")):
+        if not x.is_floating_point():
+            raise ValueError(f"{name} has dtype {x.dtype}; expected a floating tensor "
+                             "(probabilities for the map, a normalised float image).")
+    b, c, h, w = seg.shape
+    if num_classes is not None and c != num_classes:
+        raise ValueError(f"{seg_name} has shape {_shape(seg)}; expected ({b}, {num_classes}, H, "
+                         f"W): the discriminator was built for num_classes={num_classes}.")
+    expected = (b, in_channels or image.shape[1], h, w)
+    if _shape(image) != expected:
+        raise ValueError(
+            f"image has shape {_shape(image)} but {seg_name} has shape {_shape(seg)}; expected "
+            f"image {expected} (the map's B, H, W). Resize the logits to the image size "
+            "(F.interpolate(logits, size=image.shape[-2:], mode='bilinear')) first."
+        )
+
+
+class SKDDiscriminator(nn.Module):
+    """The embedding network D of SKD's holistic loss: a score D(Q|I) per (map, image) pair.
+
+    A fully convolutional critic on the concatenation [Q, I] (C + 3 channels): ``depth`` 3×3
+    convs of stride 2 (padding 1, so any size >= 1×1 works), widths ``width``·1, 2, 4, 8 (capped
+    there), each followed by LeakyReLU(0.2), then a 3×3 conv to one channel, averaged over its
+    map: one score per image. SKD's D has five convs with spectral norm, two self-attention
+    blocks and a BatchNorm on its input; this one is plainer on purpose: no spectral norm, no
+    attention, and no batch norm, which WGAN-GP forbids in the critic because it couples the
+    samples of a batch and so breaks the per-sample gradient penalty. The gradient penalty is
+    what keeps it ≈ 1-Lipschitz.
+
+    Args:
+        num_classes: C, the channels of the segmentation map.
+        in_channels: channels of the image (3 for RGB).
+        width: channels of the first conv (SKD: 64).
+        depth: number of stride-2 convs; the score map is ⌈H/2^depth⌉ × ⌈W/2^depth⌉.
+
+    Returns (forward(seg_probs [B, C, H, W], image [B, in_channels, H, W])):
+        Scores [B] (float32). The map and the image must have the same H, W (a ValueError
+        otherwise): resize the logits to the image, not the image to the logits.
+
+    References:
+        Liu et al., "Structured Knowledge Distillation for Semantic Segmentation", CVPR 2019,
+        holistic distillation (irfanICMLL/structure_knowledge_distillation,
+        networks/sagan_models.py); Gulrajani et al., "Improved Training of Wasserstein GANs",
+        NeurIPS 2017, §4 (no batch norm in the critic). Taught in
+        notebooks/06_fair_baselines.ipynb.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64,
+                 depth: int = 4) -> None:
+        super().__init__()
+        for name, v in (("num_classes", num_classes), ("in_channels", in_channels),
+                        ("width", width), ("depth", depth)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r}; expected a positive integer (SKD: width 64).")
+        self.num_classes, self.in_channels = num_classes, in_channels
+        layers: list[nn.Module] = []
+        channels = num_classes + in_channels
+        for i in range(depth):
+            out = width * 2 ** min(i, 3)
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            channels = out
+        layers.append(nn.Conv2d(channels, 1, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, seg_probs: Tensor, image: Tensor) -> Tensor:
+        _check_conditional_pair(seg_probs, image, "seg_probs", self.num_classes,
+                                self.in_channels)
+        x = torch.cat([seg_probs.float(), image.float()], dim=1)
+        return self.net(x).mean(dim=(1, 2, 3))
+
+
+def wgan_gp_penalty(discriminator: Callable[[Tensor, Tensor], Tensor], real: Tensor,
+                    fake: Tensor, image: Tensor,
+                    generator: torch.Generator | None = None) -> Tensor:
+    """WGAN-GP gradient penalty: E[(‖∇_x̂ D(x̂|I)‖₂ − 1)²], x̂ = ε·real + (1 − ε)·fake.
+
+    Exactly Gulrajani et al., Algorithm 1, line 6-7: one ε ~ U(0, 1) per sample, the gradient of
+    that sample's score with respect to its whole map (the norm runs over all its C·H·W
+    entries), (‖·‖₂ − 1)², averaged over the batch. Only the segmentation map is interpolated
+    and differentiated: the image is the condition, the same for real and fake, so the penalty
+    asks D to be 1-Lipschitz in the map for each fixed image. The gradient graph is kept
+    (``create_graph=True``) so that the penalty trains D. ``real`` and ``fake`` are detached:
+    the penalty is a term of D's loss, never of the student's.
+
+    The per-sample gradients come from one backward of the summed scores, which is right as long
+    as each score depends on its own sample only (true for ``SKDDiscriminator``; a batch norm
+    in D would break it). SKD's code differentiates the *sum* of D's output map while its score
+    is the map's mean, which scales the gradient by the map's size; here the gradient is that of
+    the score itself, as in Gulrajani et al.
+
+    Args:
+        discriminator: ``D(seg_probs, image) -> scores [B]``, e.g. ``SKDDiscriminator``.
+        real: teacher maps Q_t [B, C, H, W] (softmax probabilities).
+        fake: student maps Q_s [B, C, H, W].
+        image: the condition I [B, 3, H, W].
+        generator: optional ``torch.Generator`` for ε (repeatable draws in tests).
+
+    Returns:
+        Scalar tensor (SKD weights it by λ_gp = 10 in D's loss).
+
+    References:
+        Gulrajani et al., "Improved Training of Wasserstein GANs", NeurIPS 2017, Eq. 3 and
+        Algorithm 1; Liu et al., SKD, CVPR 2019, holistic loss. Taught in
+        notebooks/06_fair_baselines.ipynb.
+    """
+    _check_logit_pair(fake, real, "fake", "real")
+    _check_conditional_pair(fake, image, "fake")
+    b = real.shape[0]
+    eps = torch.rand(b, 1, 1, 1, generator=generator,
+                     device=generator.device if generator is not None else real.device)
+    eps = eps.to(real.device)
+    with torch.enable_grad():
+        x_hat = (eps * real.detach().float() + (1 - eps) * fake.detach().float())
+        x_hat.requires_grad_(True)
+        scores = discriminator(x_hat, image.detach())
+        if _shape(scores) != (b,):
+            raise ValueError(f"the discriminator returned shape {_shape(scores)}; expected "
+                             f"({b},), one score per image (average its output map).")
+        (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
+    return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+class HolisticLoss:
+    """SKD's holistic loss L_HO: the student as the generator of a conditional WGAN-GP.
+
+    A discriminator D (``SKDDiscriminator``) scores (segmentation map, image) pairs; the
+    teacher's maps Q_t = softmax(z_t) are "real", the student's Q_s = softmax(z_s) "fake". This
+    object owns D and its Adam optimizer. Each call in a training step (grad enabled and
+    ``student_logits.requires_grad``) first takes one step of D on the detached maps,
+
+        L_D = E[D(Q_s|I)] − E[D(Q_t|I)] + λ_gp·E[(‖∇_x̂ D(x̂|I)‖₂ − 1)²]   (``wgan_gp_penalty``),
+
+    then returns the student's term of ℓ_ho = E[D(Q_s|I)] − E[D(Q_t|I)] (SKD, holistic loss),
+
+        L_HO = −E[D(Q_s|I)],
+
+    computed through a frozen D: the student's backward reaches the logits but leaves D's
+    ``.grad`` untouched. Outside a training step (``torch.no_grad()``, or logits without grad)
+    D is not updated and the value is only reported. The caller applies the weight λ_ho
+    (L = CE + λ_pi·L_PI + λ_pa·L_PA + λ_ho·L_HO; SKD: λ_ho = 0.1).
+
+    Settings: lr 4e-4 (SKD's ``lr_d``), λ_gp = 10, one D step per student step, Adam with betas
+    (0.9, 0.99). SKD's public code (networks/kd_model.py, utils/train_options.py) differs in
+    ways a fair comparison should know: its D steps with SGD (momentum 0.9, weight decay 1e-4)
+    at that lr, *after* the student's step and on the same (pre-step) maps; it scores the raw
+    logits through a BatchNorm (no softmax, no image), while this class follows the paper's
+    conditional form D(Q|I); and its λ_d = 0.1 weights both the student's term (so λ_ho = 0.1)
+    and D's loss. Here D's loss is unweighted: under Adam a constant factor changes nothing but
+    the relative size of Adam's ε. D follows the logits' device on the first call
+    (its optimizer state with it); all of D's arithmetic runs in float32, autocast off.
+    ``last_terms`` holds the last D step's ``d_loss``, ``gp`` and ``wasserstein``
+    (E[D(Q_t|I)] − E[D(Q_s|I)], D's estimate of the distance; detached) for logging.
+    ``state_dict()``/``load_state_dict()`` cover D and its optimizer, so ``training.fit``
+    resumes the adversary with the student when the loss_fn exposes them. Under DDP every
+    process trains its own D (they are not synchronised) and rank 0's is checkpointed.
+
+    Args:
+        num_classes: C of the logits.
+        lr: D's Adam learning rate (SKD: 4e-4).
+        betas: D's Adam betas (SKD's public code steps D with SGD instead, see above).
+        gp_weight: λ_gp (WGAN-GP and SKD: 10).
+        width: channels of D's first conv (SKD: 64).
+        device: where to build D; default: moved to the logits' device on the first call.
+
+    Returns (when called with student_logits [B, C, H, W], teacher_logits [B, C, H, W] and
+    image [B, 3, H, W]):
+        The scalar student term −E[D(Q_s|I)] (float32).
+
+    References:
+        Liu et al., "Structured Knowledge Distillation for Semantic Segmentation", CVPR 2019,
+        holistic loss (irfanICMLL/structure_knowledge_distillation); Gulrajani et al.,
+        "Improved Training of Wasserstein GANs", NeurIPS 2017, Algorithm 1; Niemann et al. 2023,
+        §2 and Table 5b (the sweep of λ_ho). Taught in notebooks/06_fair_baselines.ipynb.
+    """
+
+    def __init__(self, num_classes: int, *, lr: float = 4e-4,
+                 betas: tuple[float, float] = (0.9, 0.99), gp_weight: float = 10.0,
+                 width: int = 64, device: str | torch.device | None = None) -> None:
+        if not float(lr) > 0:
+            raise ValueError(f"lr={lr!r}; expected the discriminator's learning rate > 0 "
+                             "(SKD: 4e-4).")
+        if not float(gp_weight) >= 0:
+            raise ValueError(f"gp_weight={gp_weight!r}; expected λ_gp >= 0 (WGAN-GP: 10).")
+        self.discriminator = SKDDiscriminator(num_classes, width=width)
+        if device is not None:
+            self.discriminator.to(device)
+        self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=betas)
+        self.num_classes, self.gp_weight = num_classes, gp_weight
+        self.last_terms: dict[str, Tensor] = {}
+
+    def _follow(self, device: torch.device) -> None:
+        """Move D (and its Adam state, via a state-dict round trip) to ``device`` if elsewhere."""
+        if next(self.discriminator.parameters()).device != device:
+            state = self.optimizer.state_dict()
+            self.discriminator.to(device)
+            self.optimizer.load_state_dict(state)  # casts the moments to the params' device
+
+    def step_discriminator(self, real: Tensor, fake: Tensor, image: Tensor) -> None:
+        """One Adam step of D on L_D (real = teacher maps, fake = student maps, detached)."""
+        d = self.discriminator
+        real, fake, image = real.detach(), fake.detach(), image.detach()
+        d_real, d_fake = d(real, image).mean(), d(fake, image).mean()
+        gp = wgan_gp_penalty(d, real, fake, image)
+        d_loss = d_fake - d_real + self.gp_weight * gp
+        self.optimizer.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.optimizer.step()
+        self.last_terms = {"d_loss": d_loss.detach(), "gp": gp.detach(),
+                           "wasserstein": (d_real - d_fake).detach()}
+
+    def _frozen_scores(self, probs: Tensor, image: Tensor) -> Tensor:
+        """D(probs|image) with D's parameters as constants: gradient reaches ``probs`` only."""
+        params = [p for p in self.discriminator.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            return self.discriminator(probs, image)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, image: Tensor) -> Tensor:
+        _check_logit_pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
+        _check_conditional_pair(student_logits, image, "student_logits", self.num_classes)
+        self._follow(student_logits.device)
+        q_s = F.softmax(student_logits.float(), dim=1)
+        q_t = F.softmax(teacher_logits.detach().float(), dim=1)
+        image = image.detach().float()
+        with torch.autocast(student_logits.device.type, enabled=False):
+            if torch.is_grad_enabled() and student_logits.requires_grad:
+                self.step_discriminator(q_t, q_s, image)
+            return -self._frozen_scores(q_s, image).mean()
+
+    def state_dict(self) -> dict[str, dict]:
+        """D's weights and its optimizer state (tensors and plain types: ``weights_only`` safe)."""
+        return {"discriminator": self.discriminator.state_dict(),
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Mapping]) -> None:
+        """Restore what ``state_dict`` returned (onto D's current device)."""
+        missing = [k for k in ("discriminator", "optimizer") if k not in state]
+        if missing:
+            raise ValueError(f"HolisticLoss state lacks {missing}; expected the dict of "
+                           f"HolisticLoss.state_dict() with keys ['discriminator', 'optimizer'], "
+                           f"got {sorted(state)}.")
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 # --------------------------------------------------------------------------- training.fit glue

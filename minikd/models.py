@@ -10,6 +10,8 @@ Every model here follows the same small protocol, so losses, ensembles and train
   learning rate of DUDES; every model also has ``encoder_parameters()``/``decoder_parameters()``;
 - segmenters expose ``forward_features(x)`` (the decoder's last feature map) and
   ``segmentation_head`` (features -> logits), which is what ``DUDESStudent`` builds on;
+- ``WithFeatures(model)`` returns ``{"logits", "features"}`` from one pass, for feature-level KD
+  (SKD's pair-wise loss, IFVD); ``pspnet`` is the dilated PSPNet those papers distil;
 - all are plain ``nn.Module`` s: ``copy.deepcopy`` and ``torch.func.functional_call`` work.
 
 Parameter counts (measured with ``count_parameters``):
@@ -29,6 +31,8 @@ DeepLabV3+ ResNet18, 19 classes          12,333,923  DUDES Table 3 "Baseline": 1
 ``SegFormer("mit_b2", 19)``              27,361,235  EMUFormer Table 1: 27.3M
 ``DepthFormer("mit_b2")``                27,348,162  EMUFormer Table 1: 27.3M
 ``SegDepthFormer("mit_b2", 19)``         30,513,109  EMUFormer Table 1: 30.5M
+``pspnet("resnet18", 19)``               12,621,907  SKD's PSPNet-R18: 13.07M with aux head
+``pspnet("resnet101", 19)``              65,583,187  SKD's PSPNet-R101: 70.44M with aux head
 ======================================  ===========  ========================================
 
 Pretrained weights: ``pretrained=True`` fetches the encoder's ImageNet weights from the Hugging Face
@@ -46,6 +50,7 @@ import json
 import os
 import socket
 import threading
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,6 +64,7 @@ from torch import Tensor, nn
 from minikd.metrics import count_parameters  # re-exported: one definition, in metrics.py
 
 __all__ = [
+    "PSPNET_ENCODERS",
     "SMALL_MIT",
     "SUPPORTED_ARCHS",
     "SUPPORTED_ENCODERS",
@@ -72,11 +78,13 @@ __all__ = [
     "DUDESStudent",
     "DepthFormer",
     "FormerTrunk",
+    "PSPDecoder",
     "SegDepthFormer",
     "SegDepthHead",
     "SegFormer",
     "Segmenter",
     "UNet",
+    "WithFeatures",
     "ZooError",
     "as_dict",
     "build_segmenter",
@@ -87,6 +95,7 @@ __all__ = [
     "load_teachers",
     "param_groups",
     "pretrained",
+    "pspnet",
     "segdepthformer_sub_ensemble",
     "set_encoder_dropout",
     "unet_family",
@@ -404,6 +413,171 @@ def build_segmenter(arch: str, encoder: str, num_classes: int, pretrained: bool 
                          "e.g. 'resnet18' or 'mobilenet_v2'.") from err
     _init_encoder(model.encoder, encoder, pretrained, weights_path)
     return Segmenter(model, name=f"{arch}-{encoder}")
+
+
+# --------------------------------------------------------------------------- dilated PSPNet (SKD)
+#: Encoders ``pspnet`` accepts: smp's (torchvision-layout) ResNets, whose strides can be dilated.
+PSPNET_ENCODERS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+class PSPDecoder(nn.Module):
+    """PSPNet's head without the classifier: pyramid pooling, then a 3x3 fusion conv.
+
+    Bins (1, 2, 3, 6) each pool the last stage, reduce it to ``in_channels / 4`` by a 1x1 conv
+    (+ BN + ReLU; smp's ``PSPModule``, whose 1x1 bin has no BN) and are upsampled back; their
+    concatenation with the input (``2 * in_channels``) is fused by a 3x3 conv + BN + ReLU and
+    ``Dropout2d(dropout)``.
+
+    Args:
+        in_channels: channels of the last encoder stage (512 for ResNet18/34, 2048 for 50/101).
+        out_channels: channels of the fused features.
+        dropout: rate of the ``Dropout2d`` after the fusion (PSPNet, SKD: 0.1).
+
+    References:
+        Zhao et al., "Pyramid Scene Parsing Network", CVPR 2017, §3.3 and Fig. 3.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.1):
+        super().__init__()
+        from segmentation_models_pytorch.base.modules import Conv2dReLU
+        from segmentation_models_pytorch.decoders.pspnet.decoder import PSPModule
+
+        self.psp = PSPModule(in_channels, sizes=(1, 2, 3, 6))
+        self.fuse = Conv2dReLU(2 * in_channels, out_channels, kernel_size=3, padding=1)
+        self.dropout = nn.Dropout2d(dropout)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        """Encoder features (the last one is used) -> fused features at the same size."""
+        return self.dropout(self.fuse(self.psp(features[-1])))
+
+
+def pspnet(encoder: str, num_classes: int, pretrained: bool = False,
+           weights_path: str | os.PathLike | None = None, output_stride: int = 8,
+           psp_out_channels: int | None = None) -> Segmenter:
+    """The dilated PSPNet of SKD, IFVD, CIRKD and Niemann et al.: ResNet18/101 student/teacher.
+
+    A ResNet whose layer3 and layer4 keep their resolution (strides 1, dilations 2 and 4: output
+    stride 8), the pyramid pooling module (bins 1, 2, 3, 6) on layer4, a 3x3 fusion conv + BN +
+    ReLU + ``Dropout2d(0.1)`` (``forward_features``: the features SKD's pair-wise loss and
+    IFVD distil, at 1/8 of the input), a 1x1 classifier and bilinear upsampling x8
+    (``segmentation_head``). Built from smp pieces: ``smp.encoders.get_encoder(...,
+    output_stride=8)`` dilates the encoder, smp's ``PSPModule`` pools.
+
+    Not smp's ``PSPNet``: that one defaults to ``encoder_depth=3`` and reaches output stride 8 by
+    *cutting the encoder after layer2* (no dilation, PPM on 128 layer2 channels for ResNet18),
+    with a 1x1 fusion conv and dropout 0.2; ``build_segmenter("PSPNet", ...)`` builds that.
+
+    Fused channels (``psp_out_channels``) follow SKD's code: ``in_channels / 4`` of the last
+    stage, so **128 for ResNet18/34 and 512 for ResNet50/101**; CIRKD also uses 128 for ResNet18.
+    The pair-wise (SKD) and IFV losses compare similarity maps, so student and teacher widths may
+    differ. Parameters with 19 classes: ResNet18 12,621,907; ResNet101 65,583,187.
+
+    Differences from SKD's network (``pspnet_combine.py``; IFVD reuses it), left out for
+    simplicity: SKD's ResNet (CCNet style) has a deep stem of three 3x3 convs (64-64-128;
+    +148,480 parameters for ResNet18, +123,776 for ResNet101) and a ceil-mode max-pool; it uses
+    InPlace-ABN (synchronised BN + leaky ReLU) where this uses BN + ReLU; its 1x1 pooling bin has
+    a BN where smp's has a conv bias (+128 / +512); and it trains an auxiliary DSN head on layer3
+    (3x3 conv, BN, dropout, classifier; loss weight 0.4; +297,747 / +4,729,875), omitted here
+    (``forward`` returns the main logits only). With all of these SKD's ResNet18 has 13,068,262
+    parameters and its ResNet101 70,437,350; CIRKD's ResNet18 (deep stem, smaller FCN auxiliary
+    head) about 12,919,334: the 12.9-13.1 M reported for PSPNet-R18. ImageNet weights are smp's
+    torchvision-layout ResNets, as Niemann et al. use (torchvision v0.12).
+
+    Args:
+        encoder: "resnet18" (student), "resnet101" (teacher), "resnet34" or "resnet50".
+        num_classes: output classes (19 for Cityscapes).
+        pretrained: load the encoder's ImageNet weights (hub or local cache; ``RuntimeError`` at
+            once if neither has them). ``False`` never touches the network.
+        weights_path: a local encoder (or whole-model) state dict to load instead.
+        output_stride: 8 (SKD: dilations 2 and 4), 16 (layer4 dilated by 2) or 32 (plain
+            ResNet, no dilation).
+        psp_out_channels: fused feature channels; ``None`` for SKD's (128 or 512, see above).
+
+    Returns:
+        A ``Segmenter`` named e.g. ``"PSPNet-resnet18-d8"``: ``forward(x)`` gives logits
+        ``[B, num_classes, H, W]``, ``forward_features(x)`` the fused features
+        ``[B, psp_out_channels, H/8, W/8]``; H and W must be multiples of ``output_stride``.
+
+    Raises:
+        ValueError: an encoder other than a ResNet of ``PSPNET_ENCODERS``, an unsupported
+            ``output_stride``, or a bad ``num_classes``/``psp_out_channels``.
+        RuntimeError: ``pretrained=True`` and the weights cannot be had.
+
+    References:
+        Zhao et al., PSPNet, CVPR 2017; Liu et al., "Structured Knowledge Distillation for
+        Semantic Segmentation" (SKD), CVPR 2019, §4; Niemann et al. 2023 §5.2 (PSPNet-R101
+        teacher, PSPNet-R18 student, as SKD). Taught in notebooks/06_fair_baselines.ipynb
+        (full mode).
+    """
+    _check_num_classes(num_classes, "pspnet")
+    if encoder not in PSPNET_ENCODERS:
+        raise ValueError(f"pspnet needs a ResNet encoder it can dilate, one of "
+                         f"{list(PSPNET_ENCODERS)}; got {encoder!r}. SKD uses 'resnet18' for the "
+                         "student and 'resnet101' for the teacher; for other encoders use "
+                         "build_segmenter('PSPNet', encoder, ...).")
+    if not isinstance(output_stride, int) or output_stride not in (8, 16, 32):
+        raise ValueError(f"pspnet supports output_stride 8 (SKD), 16 or 32; got "
+                         f"{output_stride!r}. Use 8 for the PSPNet of SKD and Niemann et al.")
+    in_channels = smp.encoders.encoders[encoder]["params"]["out_channels"][-1]  # 512 or 2048
+    out_channels = in_channels // 4 if psp_out_channels is None else psp_out_channels
+    if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
+        raise ValueError(f"psp_out_channels must be a positive int or None (SKD's width, "
+                         f"{in_channels // 4} for {encoder}); got {psp_out_channels!r}.")
+    model = types.SimpleNamespace(  # the three parts Segmenter takes from an smp model
+        encoder=smp.encoders.get_encoder(encoder, depth=5, weights=None,
+                                         output_stride=output_stride),
+        decoder=PSPDecoder(in_channels, out_channels, dropout=0.1))
+    model.segmentation_head = smp.base.SegmentationHead(out_channels, num_classes, kernel_size=1,
+                                                        upsampling=output_stride)
+    _init_encoder(model.encoder, encoder, pretrained, weights_path)
+    return Segmenter(model, name=f"PSPNet-{encoder}-d{output_stride}")
+
+
+class WithFeatures(_ParamGroupsMixin, nn.Module):
+    """A segmenter that returns its features with its logits, from one forward pass.
+
+    Feature-level KD losses (SKD's pair-wise loss, IFVD) need the student's and the teacher's
+    features as well as their logits; this wrapper gives both without a second pass. The
+    features are what ``model.forward_features`` returns: for ``pspnet`` the fused PSP features
+    at 1/8 of the input, for ``UNet`` the last decoder map at full resolution, for a
+    ``SegFormer`` the fused features at 1/4. The logits equal ``model(x)`` exactly.
+    ``param_groups``/``encoder_parameters()`` see through the wrapper (the backbone stays under
+    a module named ``encoder``); the state dict keys gain the prefix ``model.``.
+
+    Args:
+        model: anything with ``forward_features(x)`` and ``segmentation_head`` (``Segmenter``,
+            ``pspnet``, ``UNet``, ``SegFormer``).
+
+    Returns (forward):
+        ``{"logits": [B, C, H, W], "features": [B, F, h, w]}``.
+
+    Raises:
+        ValueError: ``model`` lacks ``forward_features`` or ``segmentation_head``.
+
+    References:
+        Liu et al., SKD (CVPR 2019) §3.1; Wang et al., IFVD (ECCV 2020). Taught in
+        notebooks/06_fair_baselines.ipynb.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        missing = [a for a in ("forward_features", "segmentation_head") if not hasattr(model, a)]
+        if missing:
+            raise ValueError(f"WithFeatures needs a model with forward_features(x) and "
+                             f"segmentation_head; {type(model).__name__} lacks {missing}. Wrap a "
+                             "Segmenter (build_segmenter, pspnet), a UNet or a SegFormer, not a "
+                             "model that already returns a dict.")
+        self.model = model
+        self.output_stride = getattr(model, "output_stride", 1)
+        self.name = f"WithFeatures({getattr(model, 'name', type(model).__name__)})"
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """``{"logits", "features"}``; logits upsampled to ``x``'s size if the head does not."""
+        features = self.model.forward_features(x)
+        logits = self.model.segmentation_head(features)
+        if logits.shape[-2:] != x.shape[-2:]:  # heads without their own upsampling (SegFormer)
+            logits = _upsample(logits, x)
+        return {"logits": logits, "features": features}
 
 
 # --------------------------------------------------------------------------- plain U-Net family
@@ -981,7 +1155,8 @@ ZOO_MANIFEST = ZOO_DIR / "manifest.json"
 _ZOO_FORMAT = "minikd-zoo-1"
 #: The model constructors a manifest entry may name as its ``builder``.
 ZOO_BUILDERS = ("unet_family", "UNet", "light_unet", "build_segmenter", "DUDESStudent",
-                "SegFormer", "DepthFormer", "SegDepthFormer", "segdepthformer_sub_ensemble")
+                "SegFormer", "DepthFormer", "SegDepthFormer", "segdepthformer_sub_ensemble",
+                "pspnet")
 
 
 class ZooError(RuntimeError):

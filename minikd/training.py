@@ -408,13 +408,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _restore(ckpt: dict, path: Path, parts: dict[str, Any], iterations: int) -> None:
-    """Load a checked checkpoint into model/optimizer/scheduler/scaler, or explain why not."""
+    """Load a checked checkpoint into model/optimizer/scheduler/scaler (and a stateful loss_fn),
+    or explain why not."""
     if ckpt["iterations"] != iterations:
         raise CheckpointError(
             f"{path} belongs to a run of {ckpt['iterations']} iterations, this one asks for "
             f"{iterations}; the learning-rate schedule depends on it. Use the same iterations or "
             "another ckpt_dir.")
-    for name in ("model", "optimizer", "scheduler", "scaler"):
+    names = ["model", "optimizer", "scheduler", "scaler"]
+    if "loss_fn" in parts and "loss_fn" in ckpt:
+        names.append("loss_fn")
+    elif "loss_fn" in parts:  # written before loss states were saved, or by a stateless loss
+        _say(f"fit: {path} holds no loss_fn state; the loss object (e.g. a discriminator) starts "
+             "afresh")
+    for name in names:
         try:
             parts[name].load_state_dict(ckpt[name])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
@@ -623,8 +630,7 @@ def _save(path: Path, parts: dict[str, Any], step: int, iterations: int, history
         dist.all_gather_object(ranks, mine)
     if not distributed or is_main_process():
         payload = {"format": _CKPT_FORMAT, "step": step, "iterations": iterations,
-                   **{k: parts[k].state_dict() for k in ("model", "optimizer", "scheduler",
-                                                         "scaler")},
+                   **{k: part.state_dict() for k, part in parts.items()},  # + "loss_fn"
                    "history": history, "ranks": ranks}
         _atomic_write(path, lambda f: torch.save(payload, f))
     if distributed:
@@ -666,7 +672,10 @@ def fit(model: nn.Module, train_loader: DataLoader, loss_fn: Callable[..., Any],
     Args:
         model: an ``nn.Module``; moved to ``device`` (and to channels_last on CUDA).
         train_loader: yields dicts with at least ``"image"`` (minikd's data format).
-        loss_fn: ``loss_fn(outputs, batch)``; e.g. ``losses.DistillationLoss(...)``.
+        loss_fn: ``loss_fn(outputs, batch)``; e.g. ``losses.DistillationLoss(...)``. One with
+            ``state_dict``/``load_state_dict`` (e.g. holding a ``losses.HolisticLoss``, whose
+            discriminator trains alongside) is checkpointed under "loss_fn" and restored on
+            resume; a checkpoint without that key still loads, the loss then starting afresh.
         iterations: number of optimizer steps (DUDES: 200 epochs of batch 16).
         optimizer: "sgd" (DUDES) or "adamw".
         lr: the encoder's initial learning rate (DUDES: 0.01).
@@ -728,6 +737,9 @@ def fit(model: nn.Module, train_loader: DataLoader, loss_fn: Callable[..., Any],
     parts = {"model": model, "optimizer": opt, "scheduler": poly_scheduler(opt, iterations,
                                                                              poly_power),
              "scaler": torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)}
+    if callable(getattr(loss_fn, "state_dict", None)) and callable(
+            getattr(loss_fn, "load_state_dict", None)):
+        parts["loss_fn"] = loss_fn  # a stateful loss (a discriminator, ...) resumes with the model
     stream, history, start = _DataStream(loader), _new_history(), 0
     if seed is not None:
         stream.reseed(seed)
