@@ -104,6 +104,7 @@ TARGET_KEYS: dict[str, str] = {
     "mutual_info": "teacher_mi",
     "depth": "teacher_depth",
     "depth_var": "teacher_depth_var",
+    "features": "teacher_features",  # a WithFeatures teacher: SKD pair-wise, IFVD (notebook 06)
 }
 
 

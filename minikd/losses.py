@@ -26,6 +26,7 @@ cross-entropy and the depth NLL skip the padding on their own.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ __all__ = [
     "HolisticLoss",
     "SKDDiscriminator",
     "SegDepthLoss",
+    "StructuredKDLoss",
     "alpha_mix",
     "ce_plus_kd",
     "cross_entropy",
@@ -1200,6 +1202,99 @@ class DistillationLoss:
         else:
             total = alpha_mix(ce, kd, self.alpha)
         return total, {"ce": ce.detach(), "kd": kd.detach()}
+
+
+class StructuredKDLoss:
+    """``loss_fn(outputs, batch)``: Niemann's composite L_CE + λ_PI·L_PI + λ_PA·L_PA +
+    λ_HO·L_HO + λ_IFV·L_IFV, each extra term switched on by a weight > 0.
+
+    L_CE and L_PI are ``DistillationLoss(temperature, lam=lam_pi)`` (Niemann Eq. 1-3); L_PA is
+    ``skd_pairwise_loss`` and L_IFV ``ifvd_loss`` on the feature maps before the classifier
+    (student ``outputs["features"]`` from ``models.WithFeatures``, teacher
+    ``batch["teacher_features"]`` from a ``TeacherCache`` with target ``"features"``); L_HO is a
+    ``HolisticLoss`` that this object owns (its discriminator and optimizer are saved in
+    ``fit``'s checkpoints through ``state_dict``). Crop padding (``batch["valid"]`` False) carries
+    no teacher target: there the student's logits and features are replaced by the teacher's
+    (zeros: no gradient, nothing to match) before L_PA and L_HO; L_IFV ignores padding through
+    its void labels.
+
+    Args:
+        temperature: τ of L_PI.
+        lam_pi: λ_PI (Niemann: 0.1 in their code's reduction; minikd's per-pixel mean: see
+            notebook 01 §6).
+        lam_pa: λ_PA (Niemann Table 5a sweeps 1e-3 … 1e1; SKD 0.5).
+        lam_ho: λ_HO (Table 5b: 1e-4 … 1e-1; SKD 0.1).
+        lam_ifv: λ_IFV (Table 5c: 1e-4 … 1e2; IFVD 200).
+        num_classes: K for L_IFV (default: read from the logits).
+        holistic: a ``HolisticLoss`` to use (default: one built at the first call with
+            ``lam_ho`` > 0).
+        ignore_index: void label.
+
+    Returns (when called):
+        (loss, {"ce", "kd", and "pa" / "ho" / "ifv" for the terms in use}), terms detached.
+
+    References:
+        Niemann et al. 2023, Eq. 1-3, §5.5, Tables 5-6; Liu et al. 2019 (SKD: pair-wise and
+        holistic); Wang et al. 2020 (IFVD). Taught in notebooks/06_fair_baselines.ipynb.
+    """
+
+    def __init__(self, temperature: float = 1.0, *, lam_pi: float = 1.0, lam_pa: float = 0.0,
+                 lam_ho: float = 0.0, lam_ifv: float = 0.0, num_classes: int | None = None,
+                 holistic: HolisticLoss | None = None, ignore_index: int = 255) -> None:
+        weights = {"lam_pi": lam_pi, "lam_pa": lam_pa, "lam_ho": lam_ho, "lam_ifv": lam_ifv}
+        bad = {k: v for k, v in weights.items() if not (isinstance(v, (int, float)) and v >= 0)}
+        if bad:
+            raise ValueError(f"loss weights must be numbers >= 0; got {bad}. A weight of 0 "
+                             "switches a term off.")
+        self.pixel = DistillationLoss(temperature, lam=lam_pi, ignore_index=ignore_index)
+        self.lam_pa, self.lam_ho, self.lam_ifv = lam_pa, lam_ho, lam_ifv
+        self.num_classes, self.holistic, self.ignore_index = num_classes, holistic, ignore_index
+
+    def _features(self, outputs: object, batch: Mapping[str, Tensor],
+                  invalid: Tensor | None) -> tuple[Tensor, Tensor]:
+        fs = _outputs_with(outputs, ("logits", "features"), "StructuredKDLoss (L_PA, L_IFV)",
+                           "a model wrapped in models.WithFeatures",
+                           "Wrap the student: models.WithFeatures(student).")["features"]
+        ft = _require(batch, "teacher_features", "StructuredKDLoss (L_PA, L_IFV)")
+        if invalid is not None:
+            fs = fs.masked_fill(invalid[:, None], 0.0)
+        return fs, ft.to(fs.dtype)
+
+    def __call__(self, outputs, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        total, terms = self.pixel(outputs, batch)
+        if not (self.lam_pa or self.lam_ho or self.lam_ifv):
+            return total, terms
+        logits = _logits_of(outputs, "StructuredKDLoss")
+        invalid = _invalid_pixels(batch, logits)
+        if self.lam_pa or self.lam_ifv:
+            fs, ft = self._features(outputs, batch, invalid)
+            if self.lam_pa:
+                terms["pa"] = skd_pairwise_loss(fs, ft)
+                total = total + self.lam_pa * terms["pa"]
+            if self.lam_ifv:
+                k = self.num_classes or logits.shape[1]
+                terms["ifv"] = ifvd_loss(fs, ft, batch["mask"], k, self.ignore_index)
+                total = total + self.lam_ifv * terms["ifv"]
+        if self.lam_ho:
+            if self.holistic is None:
+                self.holistic = HolisticLoss(logits.shape[1])
+            teacher = _require(batch, "teacher_logits", "StructuredKDLoss (L_HO)")
+            student = logits if invalid is None else logits.masked_fill(invalid[:, None], 0.0)
+            terms["ho"] = self.holistic(student, teacher, batch["image"])
+            total = total + self.lam_ho * terms["ho"]
+        return total, {k: v.detach() for k, v in terms.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The discriminator's state when L_HO is in use (``fit`` checkpoints it), else {}."""
+        return {} if self.holistic is None else {"holistic": self.holistic.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+        if "holistic" in state:
+            if self.holistic is None:
+                disc = state["holistic"]["discriminator"]
+                self.holistic = HolisticLoss(int(disc[next(iter(disc))].shape[1]) - 3)
+            self.holistic.load_state_dict(state["holistic"])
 
 
 class DUDESLoss:
