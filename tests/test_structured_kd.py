@@ -22,7 +22,7 @@ def _batch(b=2, c=5, h=8, w=16, cf=3, seed=0, valid=None):
 def test_without_extra_terms_it_is_pixelwise_kd():
     outputs, batch = _batch()
     total, terms = losses.StructuredKDLoss(2.0, lam_pi=0.5)(outputs, batch)
-    ref, ref_terms = losses.DistillationLoss(2.0, lam=0.5)(outputs["logits"], batch)
+    ref, _ = losses.DistillationLoss(2.0, lam=0.5)(outputs["logits"], batch)
     assert torch.allclose(total, ref) and set(terms) == {"ce", "kd"}
 
 
