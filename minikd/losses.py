@@ -1214,9 +1214,9 @@ class StructuredKDLoss:
     ``batch["teacher_features"]`` from a ``TeacherCache`` with target ``"features"``); L_HO is a
     ``HolisticLoss`` that this object owns (its discriminator and optimizer are saved in
     ``fit``'s checkpoints through ``state_dict``). Crop padding (``batch["valid"]`` False) carries
-    no teacher target: there the student's logits and features are replaced by the teacher's
-    (zeros: no gradient, nothing to match) before L_PA and L_HO; L_IFV ignores padding through
-    its void labels.
+    no teacher target: there student and teacher logits and features are both set to 0 before
+    L_PA and L_HO (no gradient, nothing to match; the map is nearest-resized to the features'
+    size, e.g. 1/8 for PSPNet); L_IFV ignores padding through its void labels.
 
     Args:
         temperature: τ of L_PI.
@@ -1255,10 +1255,13 @@ class StructuredKDLoss:
         fs = _outputs_with(outputs, ("logits", "features"), "StructuredKDLoss (L_PA, L_IFV)",
                            "a model wrapped in models.WithFeatures",
                            "Wrap the student: models.WithFeatures(student).")["features"]
-        ft = _require(batch, "teacher_features", "StructuredKDLoss (L_PA, L_IFV)")
+        ft = _require(batch, "teacher_features", "StructuredKDLoss (L_PA, L_IFV)").to(fs.dtype)
         if invalid is not None:
-            fs = fs.masked_fill(invalid[:, None], 0.0)
-        return fs, ft.to(fs.dtype)
+            if invalid.shape[-2:] != fs.shape[-2:]:
+                invalid = F.interpolate(invalid[:, None].float(), size=fs.shape[-2:],
+                                        mode="nearest")[:, 0] > 0.5
+            fs, ft = fs.masked_fill(invalid[:, None], 0.0), ft.masked_fill(invalid[:, None], 0.0)
+        return fs, ft
 
     def __call__(self, outputs, batch) -> tuple[Tensor, dict[str, Tensor]]:
         total, terms = self.pixel(outputs, batch)
@@ -1279,7 +1282,10 @@ class StructuredKDLoss:
             if self.holistic is None:
                 self.holistic = HolisticLoss(logits.shape[1])
             teacher = _require(batch, "teacher_logits", "StructuredKDLoss (L_HO)")
-            student = logits if invalid is None else logits.masked_fill(invalid[:, None], 0.0)
+            student = logits
+            if invalid is not None:
+                student = logits.masked_fill(invalid[:, None], 0.0)
+                teacher = teacher.masked_fill(invalid[:, None], 0.0)
             terms["ho"] = self.holistic(student, teacher, batch["image"])
             total = total + self.lam_ho * terms["ho"]
         return total, {k: v.detach() for k, v in terms.items()}

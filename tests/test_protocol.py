@@ -27,9 +27,9 @@ def synthetic(calls):
 
 
 def run(calls, **kw):
-    args = dict(lr_grid=LRS, wd_grid=WDS, taus=TAUS, terms={"pa": [1e-2, 1e-1, 1.0]},
-                selection_seeds=[0], final_seeds=[0, 1, 2], default={"lr": 1e-2,
-                                                                      "weight_decay": 5e-4})
+    args = {"lr_grid": LRS, "wd_grid": WDS, "taus": TAUS, "terms": {"pa": [1e-2, 1e-1, 1.0]},
+            "selection_seeds": [0], "final_seeds": [0, 1, 2],
+            "default": {"lr": 1e-2, "weight_decay": 5e-4}}
     args.update(kw)
     return protocol.fair_protocol(synthetic(calls), **args)
 

@@ -56,11 +56,18 @@ def test_padding_gives_no_feature_gradient():
     valid = torch.ones(2, 8, 16, dtype=torch.bool)
     valid[:, :, 12:] = False  # the right quarter is crop padding
     outputs, batch = _batch(valid=valid)
-    batch["teacher_features"] = batch["teacher_features"].masked_fill(~valid[:, None], 0.0)
     total, _ = losses.StructuredKDLoss(lam_pa=1.0, lam_ifv=1.0)(outputs, batch)
     total.backward()
     grad = outputs["features"].grad
     assert grad[..., 12:].abs().max() == 0 and grad[..., :12].abs().max() > 0
+    # features at 1/4 of the input (PSPNet's are at 1/8): the map is resized to them
+    outputs, batch = _batch(valid=valid)
+    small = {k: torch.nn.functional.avg_pool2d(v.detach(), 4).requires_grad_()
+             for k, v in (("features", outputs["features"]),)}
+    batch["teacher_features"] = torch.nn.functional.avg_pool2d(batch["teacher_features"], 4)
+    total, _ = losses.StructuredKDLoss(lam_pa=1.0)({**outputs, **small}, batch)
+    total.backward()
+    assert small["features"].grad[..., 3:].abs().max() == 0
 
 
 def test_feature_terms_need_a_features_output():
