@@ -16,11 +16,19 @@ and the results bookkeeping. Taught in notebooks/06_fair_baselines.ipynb.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from minikd.training import grid_search
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from minikd.losses import cross_entropy
+from minikd.models import pspnet
+from minikd.training import fit, grid_search
 
 __all__ = [
     "PAPER_LAMBDAS",
@@ -33,6 +41,7 @@ __all__ = [
     "fair_protocol",
     "final_table",
     "lr_wd_table",
+    "pspnet_teacher",
     "within_one_std",
 ]
 
@@ -156,8 +165,9 @@ def fair_protocol(train_eval: Callable[..., Mapping[str, float]], *, lr_grid: Se
         A JSON-able record: ``"stage1"`` {"student", "kd": grid rows}, ``"best"`` (per arm),
         ``"stage2"`` rows and ``"best_tau"``, ``"stage3"`` {term: rows} and ``"best_lam"``,
         ``"final"`` (Table 6 rows: ``"row"``, ``"config"``, ``"<report>_mean/_std"``, ``"n"``,
-        ``"best"``, ``"within_one_std"``), ``"default"`` (when given), ``"settings"``,
-        ``"n_runs"`` and ``"time_s"``.
+        ``"best"``, ``"within_one_std"``), ``"default"`` (when given), ``"edges"`` (a note for
+        every choice on the edge of a grid of 3 or more values), ``"settings"``, ``"n_runs"``
+        and ``"time_s"``.
 
     References:
         Niemann et al., "Towards Comparable Knowledge Distillation in Semantic Image
@@ -194,12 +204,30 @@ def fair_protocol(train_eval: Callable[..., Mapping[str, float]], *, lr_grid: Se
         "stage1": stage1, "best": best, "stage2": stage2, "best_tau": best_tau,
         "stage3": stage3, "best_lam": best_lam, "final": final,
     }
+    record["edges"] = _edge_notes({**{f"{arm}: μ(0)": (b["lr"], lr_grid) for arm, b in best.items()},
+                                   **{f"{arm}: γ": (b["weight_decay"], wd_grid)
+                                      for arm, b in best.items()},
+                                   "τ": (best_tau, taus),
+                                   **{f"λ of {TERM_NAMES[t]}": (v, terms[t])
+                                      for t, v in best_lam.items()}})
     if default is not None:
         record["default"] = _final_rows(
             runs, [("CE (default)", {"kd": False, **default}),
                    ("CE + L_PI (default, τ = 1)", {"kd": True, **default})], final_seeds, report)
     record["n_runs"], record["time_s"] = len(runs) - n0, runs.time_s - t0
     return record
+
+
+def _edge_notes(chosen: Mapping[str, tuple[float, Sequence[float]]]) -> list[str]:
+    """A note for every choice that lies on the edge of a grid of 3 or more values: the optimum
+    may lie beyond it, so the grid should be extended before the choice is trusted."""
+    notes = []
+    for name, (value, grid) in chosen.items():
+        if len(grid) >= 3 and value in (min(grid), max(grid)):
+            side = "smallest" if value == min(grid) else "largest"
+            notes.append(f"{name} = {value:g} is the {side} value of the grid {list(grid)}: "
+                         "extend the grid beyond it before trusting the choice")
+    return notes
 
 
 def _final_rows(runs: Runs, configs: Sequence[tuple[str, Mapping[str, Any]]],
@@ -253,3 +281,50 @@ def final_table(rows: Sequence[Mapping[str, Any]], metric: str, column: str,
         extra = f" | {paper[i]}" if paper else ""
         lines.append("| " + " | ".join(marks) + f" | {value} (n = {r['n_seeds']}){extra} |")
     return "\n".join(lines)
+
+
+def pspnet_teacher(weights: str | os.PathLike | None, train_set: Dataset, num_classes: int, *,
+                   batch_size: int = 8, iterations: int = 40000,
+                   ckpt_dir: str | os.PathLike | None = None, device: str | None = None,
+                   pretrained: bool = True, num_workers: int = 4) -> nn.Module:
+    """Full mode's teacher: PSPNet-R101 (output stride 8), loaded from a file or trained here.
+
+    Niemann et al. use SKD's released Cityscapes teacher (78.24 val mIoU); its download links
+    are dead (SKD issues #4/#7). Give ``weights``: a state dict of
+    ``models.pspnet("resnet101", num_classes)`` that you trained or converted, or leave it
+    empty to train the teacher here by SKD's teacher recipe (SGD, μ(0) 1e-2, γ 5e-4, poly,
+    heads at 10× the backbone's rate), resumable from ``ckpt_dir``.
+
+    Args:
+        weights: path of the teacher's state dict, or None / "" to train it.
+        train_set: augmented labelled training images (dicts with "image" and "mask").
+        num_classes: 19 for Cityscapes.
+        batch_size, iterations: SKD: 8 and 40k.
+        ckpt_dir: resumable checkpoints of the teacher's training.
+        device: where to train.
+        pretrained: ImageNet weights for the backbone before training (never with ``weights``).
+        num_workers: data loader workers.
+
+    Returns:
+        The teacher in eval mode.
+
+    References:
+        Niemann et al. 2023 §5.2; Liu et al. 2019 (SKD). Taught in
+        notebooks/06_fair_baselines.ipynb (full mode).
+    """
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"MINIKD_TEACHER={str(weights)!r} is not a file; expected the "
+                                    "state dict of models.pspnet('resnet101', num_classes), or "
+                                    "leave it empty to train the teacher here.")
+        net = pspnet("resnet101", num_classes)
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return net.eval()
+    net = pspnet("resnet101", num_classes, pretrained=pretrained)
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
+                        num_workers=min(num_workers, os.cpu_count() or 1))
+    fit(net, loader, lambda logits, batch: cross_entropy(logits, batch["mask"]),
+        iterations=iterations, optimizer="sgd", lr=1e-2, weight_decay=5e-4, decoder_lr_mult=10.0,
+        device=device, ckpt_dir=ckpt_dir, seed=0, desc="teacher PSPNet-R101")
+    return net.eval()

@@ -68,6 +68,13 @@ def test_tuned_baseline_beats_default_on_selection_and_marks_follow_the_std():
     assert rec["final"][0]["test_std"] == pytest.approx(0.001)  # seeds 0, 1, 2 add 0.001 each
 
 
+def test_choices_on_the_edge_of_a_grid_are_noted():
+    rec = run([])
+    note = ("student: μ(0) = 0.1 is the largest value of the grid [0.1, 0.01, 0.001]: extend the "
+            "grid beyond it before trusting the choice")
+    assert rec["edges"] == [note]
+
+
 def test_record_is_json_and_tables_render_in_the_paper_layout():
     rec = run([])
     json.dumps(rec)
