@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader
 
 from minikd.training import CKPT_NAME, fit, load_checkpoint, train_ensemble
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
-                                reason="torch.distributed is not available")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(),
+                                 reason="torch.distributed is not available"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def _free_port() -> int:
@@ -48,13 +49,6 @@ def spawned(tmp_path_factory):
 def _results(out, scenario: str) -> list[dict]:
     return [torch.load(out / f"{scenario}_rank{r}.pt", weights_only=True) for r in range(2)]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.slow

@@ -13,14 +13,7 @@ from minikd import models
 from minikd.losses import HolisticLoss, SKDDiscriminator, wgan_gp_penalty
 from minikd.training import CKPT_NAME, fit, load_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Bit-exact resume comparisons and a fair share of the 2 CPU cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _maps(b: int = 3, c: int = 4, h: int = 8, w: int = 16, seed: int = 0):

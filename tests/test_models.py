@@ -117,11 +117,6 @@ def test_deeplab_train_mode_batch_one_gives_clear_error(segmenters):
 
 
 # --------------------------------------------------------------------------- pretrained weights
-@pytest.fixture
-def empty_hub_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-
-
 def test_pretrained_offline_fails_fast_with_help(empty_hub_cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()

@@ -3,7 +3,6 @@
 import copy
 import time
 
-import huggingface_hub.constants
 import pytest
 import segmentation_models_pytorch as smp
 import torch
@@ -177,11 +176,6 @@ def test_with_features_rejects_models_without_forward_features():
 
 
 # --------------------------------------------------------------------------- weights
-@pytest.fixture
-def empty_hub_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-
-
 def test_pretrained_offline_fails_fast_with_help(empty_hub_cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
