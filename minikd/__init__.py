@@ -2,8 +2,9 @@
 
 One file per concern, each read alongside the notebook that teaches it:
 
-    data       ToyCity (the embedded street scenes), Cityscapes/NYUv2/GTA5 loaders, joint transforms
-    models     smp segmenters, the U-Net family, the DUDES student, SegFormer/DepthFormer/SegDepthFormer
+    data       ToyCity (the embedded street scenes), Cityscapes/NYUv2/GTA5 loaders, joint transforms,
+               the U-Net KD paper's six classes (unet_kd_sets)
+    models     smp segmenters, the U-Net family (M128 ... M1024, shrunk as M128/4), merged classes, the DUDES student, SegFormer/DepthFormer/SegDepthFormer
     losses     pixel-wise KD and its reduction conventions, CWD, SKD (incl. holistic), IFVD, RMSLE, EMUFormer
     metrics    mIoU, ECE, PAvPU, AUROC/AP/FPR95, removal curves, depth metrics, FLOPs, timing
     ensembles  deep ensembles (looped or vmapped), MC dropout, sub-ensembles, the teacher cache

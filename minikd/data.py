@@ -55,6 +55,9 @@ __all__ = [
     "IMAGENET_STD",
     "NYUV2_CLASSES",
     "NYUV2_PALETTE",
+    "UNET_KD_CLASSES",
+    "UNET_KD_FROM_TRAINID",
+    "UNET_KD_PALETTE",
     "Cityscapes",
     "ColorJitter",
     "Compose",
@@ -63,6 +66,7 @@ __all__ = [
     "RandomCrop",
     "RandomHorizontalFlip",
     "RandomScale",
+    "Relabel",
     "Resize",
     "ToyCity",
     "Unlabelled",
@@ -73,6 +77,8 @@ __all__ = [
     "get_mode",
     "labelids_to_trainids",
     "train_transforms",
+    "unet_kd_class_map",
+    "unet_kd_sets",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -2177,3 +2183,114 @@ class GTA5(_CityscapesLabels):
         }
         _check_same_hw(item, label_path, self.SCRIPT)
         return _apply_transform(item, self.transform)
+
+
+# ---------------------------------------------------------------------------------------------
+# The U-Net KD paper's six classes (notebook 02)
+# ---------------------------------------------------------------------------------------------
+#: The paper's Table I classes; in brackets the Cityscapes class its labelId names (8: sidewalk,
+#: 26: car, 20: traffic sign; the paper calls them road markings, vehicle and posts/pylons).
+UNET_KD_CLASSES: tuple[str, ...] = ("background", "road", "road markings (sidewalk)",
+                                    "vehicle (car)", "posts/pylons (traffic sign)", "person")
+#: The paper's Table I colours, in UNET_KD_CLASSES order.
+UNET_KD_PALETTE: list[tuple[int, int, int]] = [(81, 0, 81), (128, 64, 128), (244, 35, 232),
+                                               (0, 0, 142), (220, 220, 0), (220, 20, 60)]
+#: Cityscapes trainId -> the paper's class; every other trainId and void (255) is background (0).
+UNET_KD_FROM_TRAINID: dict[int, int] = {0: 1, 1: 2, 13: 3, 7: 4, 11: 5}
+
+
+def unet_kd_class_map(to_trainid: dict[int, int] | None = None, num_classes: int = 19
+                      ) -> list[int]:
+    """For each class id of a data set, its class among the U-Net KD paper's six.
+
+    Args:
+        to_trainid: the data set's class id -> Cityscapes trainId (``ToyCity.TO_CITYSCAPES``);
+            ``None``: the ids are trainIds (Cityscapes, GTA5).
+        num_classes: the data set's number of classes (ToyCity 17, Cityscapes 19).
+
+    Returns:
+        ``num_classes`` ids in 0..5 (``models.MergedClasses`` merges a 17-class teacher with it).
+    """
+    to_trainid = to_trainid if to_trainid is not None else {i: i for i in range(num_classes)}
+    return [UNET_KD_FROM_TRAINID.get(to_trainid.get(c, IGNORE_INDEX), 0)
+            for c in range(num_classes)]
+
+
+class Relabel(JointTransform):
+    """Map the mask's class ids through a table (ids it does not list, void included, -> 0).
+
+    Args:
+        class_map: ``class_map[c]`` is the new id of class ``c`` (e.g. ``unet_kd_class_map()``).
+        other: the id of every value not in the table (default 0: the paper's background).
+    """
+
+    def __init__(self, class_map: Sequence[int], other: int = 0):
+        super().__init__()
+        self.lut = torch.full((256,), int(other), dtype=torch.long)
+        self.lut[: len(class_map)] = torch.as_tensor(list(class_map), dtype=torch.long)
+
+    def __call__(self, sample: dict, generator: torch.Generator | None = None) -> dict:
+        return {**sample, "mask": self.lut[sample["mask"].long()]}
+
+
+def unet_kd_sets(mode: str, size: tuple[int, int], *, n_train: int | None = None,
+                 n_search: int = 64, n_test: int | None = None,
+                 train_transform: Callable[[dict], dict] | None = None,
+                 root: str | os.PathLike | None = None) -> dict[str, Dataset]:
+    """Notebook 02's data, relabelled to the paper's six classes, for a mode.
+
+    quick: ToyCity at ``size``: ``train`` = split "train", seed 0 (the zoo teachers' own training
+    scenes), ``search`` = split "val", seed 0 (the zoo's validation scenes: the ensemble weights
+    are searched and the teachers scored here), ``test`` = split "test", seed 2, held out: every
+    reported student figure is measured here, and no choice of the lesson looked at it.
+    full: Cityscapes from ``root`` (default ``$MINIKD_CITYSCAPES`` or ``../data/cityscapes``)
+    resized to ``size``: ``train`` = fine train, ``search`` = the first ``n_search`` val images,
+    ``test`` = the other val images (the paper searches and reports on all of val).
+
+    Args:
+        mode: "quick" or "full".
+        size: (h, w) of every image.
+        n_train, n_test: images (quick: required; full: ``None`` = all).
+        n_search: images of the weight search.
+        train_transform: joint augmentation of ``train_aug`` (e.g. crop and flip).
+        root: the prepared Cityscapes folder (full mode).
+
+    Returns:
+        ``{"train", "train_aug", "search", "test"}``; ``train_aug`` is ``train`` with
+        ``train_transform`` (same images, same order).
+
+    References:
+        U-Net KD paper (unet_kd_ensemble_teachers), Table I. Taught in
+        notebooks/02_unet_ensemble_weighting.ipynb.
+    """
+    _check_choice("mode", mode, ("quick", "full"))
+    size = _check_size(size)
+    if mode == "quick":
+        if n_train is None or n_test is None:
+            raise ValueError("unet_kd_sets('quick', ...) needs n_train and n_test (ToyCity has "
+                             "no fixed length); e.g. n_train=192, n_test=64.")
+        relabel = Relabel(unet_kd_class_map(ToyCity.TO_CITYSCAPES, ToyCity.NUM_CLASSES))
+        aug = Compose([relabel, train_transform]) if train_transform else relabel
+
+        def toy(n: int, split: str, seed: int, transform: Callable) -> Dataset:
+            return ToyCity(n, size=size, split=split, seed=seed, cache=True, transform=transform)
+
+        return {"train": toy(n_train, "train", 0, relabel), "train_aug": toy(n_train, "train", 0, aug),
+                "search": toy(n_search, "val", 0, relabel), "test": toy(n_test, "test", 2, relabel)}
+    root = Path(root or os.environ.get("MINIKD_CITYSCAPES") or "../data/cityscapes")
+    base = Compose([Relabel(unet_kd_class_map()), Resize(size)])
+    aug = Compose([base, train_transform]) if train_transform else base
+    val = Cityscapes(root, "val", transform=base)
+    if len(val) < 2:
+        raise ValueError(f"{root} has {len(val)} val image(s); the weight search and the report "
+                         "need at least one each.")
+    n_search = min(n_search, len(val) - 1)
+    n_test = len(val) - n_search if n_test is None else min(n_test, len(val) - n_search)
+    train, train_aug = Cityscapes(root, "train", transform=base), Cityscapes(root, "train",
+                                                                             transform=aug)
+    if n_train is not None:
+        keep = range(min(n_train, len(train)))
+        train, train_aug = torch.utils.data.Subset(train, keep), torch.utils.data.Subset(train_aug, keep)
+    return {"train": train, "train_aug": train_aug,
+            "search": torch.utils.data.Subset(val, range(n_search)),
+            "test": torch.utils.data.Subset(val, range(n_search, n_search + n_test))}

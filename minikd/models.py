@@ -19,7 +19,7 @@ Parameter counts (measured with ``count_parameters``):
 ======================================  ===========  ========================================
 model                                   parameters   note
 ======================================  ===========  ========================================
-``unet_family("tiny", 6)``                   30,566  quick-mode CPU net (depth 3, bridge 32)
+``unet_family("M128/4", 6)``                 30,566  M128 at 1/4 width (depth 3, bridge 32)
 ``unet_family("M128", 6)``                  482,822  3 levels, 16-32-64, bridge 128
 ``unet_family("M256", 6)``                1,942,662  4 levels, 16-...-128, bridge 256
 ``unet_family("M512", 6)``                7,778,694  5 levels, 16-...-256, bridge 512
@@ -51,7 +51,7 @@ import os
 import socket
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -78,6 +78,7 @@ __all__ = [
     "DUDESStudent",
     "DepthFormer",
     "FormerTrunk",
+    "MergedClasses",
     "PSPDecoder",
     "SegDepthFormer",
     "SegDepthHead",
@@ -99,6 +100,7 @@ __all__ = [
     "segdepthformer_sub_ensemble",
     "set_encoder_dropout",
     "unet_family",
+    "unet_preset",
     "zoo_entry",
     "zoo_manifest",
 ]
@@ -583,7 +585,6 @@ class WithFeatures(_ParamGroupsMixin, nn.Module):
 # --------------------------------------------------------------------------- plain U-Net family
 UNET_PRESETS: dict[str, tuple[int, int, bool]] = {
     # name: (depth = encoder levels, bridge filters, batch_norm)
-    "tiny": (3, 32, True),  # quick-mode CPU net: 4-8-16, bridge 32 (not in the paper)
     "M128": (3, 128, True),
     "M256": (4, 256, True),
     "M512": (5, 512, True),
@@ -663,24 +664,45 @@ class UNet(_ParamGroupsMixin, nn.Module):
         return self.segmentation_head(self.forward_features(x))
 
 
+def unet_preset(name: str) -> tuple[int, int, bool]:
+    """(depth, bridge filters, batch_norm) of a family name: a preset, or ``"<preset>/<d>"``, the
+    preset with every width divided by ``d`` (``"M128/4"``: 4-8-16, bridge 32). One name per
+    network: the paper's names are the paper's widths; a shrunk variant says how much."""
+    base, _, div = name.partition("/")
+    if base not in UNET_PRESETS or (div and (not div.isdigit() or int(div) < 1)):
+        raise ValueError(f"unknown U-Net name {name!r}; expected one of {list(UNET_PRESETS)}, "
+                         "optionally followed by '/d' for the same network at 1/d of its widths "
+                         "(e.g. 'M128/4').")
+    depth, bridge, batch_norm = UNET_PRESETS[base]
+    d = int(div or 1)
+    if bridge % (d * 2**depth):
+        raise ValueError(f"{name!r}: {base}'s bridge of {bridge} filters / {d} is not a multiple "
+                         f"of 2**depth = {2**depth}; choose a divisor of {bridge // 2**depth}.")
+    return depth, bridge // d, batch_norm
+
+
 def unet_family(name: str, num_classes: int, in_channels: int = 3) -> UNet:
-    """A preset of the U-Net KD paper's family, or the tiny quick-mode network.
+    """A network of the U-Net KD paper's family, at the paper's widths or shrunk.
 
-    ======  =====  ======  ===============  ==================
-    name    depth  bridge  level filters    params (6 classes)
-    ======  =====  ======  ===============  ==================
-    tiny    3      32      4-8-16                       30,566
-    M128    3      128     16-32-64                    482,822
-    M256    4      256     16-32-64-128              1,942,662
-    M512    5      512     16-...-256                7,778,694
-    M1024   6      1024    16-...-512               31,116,166
-    M1024*  6      1024    as M1024, no BN          31,110,086
-    ======  =====  ======  ===============  ==================
+    ========  =====  ======  ===============  ==================
+    name      depth  bridge  level filters    params (6 classes)
+    ========  =====  ======  ===============  ==================
+    M128      3      128     16-32-64                    482,822
+    M256      4      256     16-32-64-128              1,942,662
+    M512      5      512     16-...-256                7,778,694
+    M1024     6      1024    16-...-512               31,116,166
+    M1024*    6      1024    as M1024, no BN          31,110,086
+    M128/4    3      32      4-8-16                       30,566
+    M1024/4   6      256     4-...-128                 1,947,334
+    ========  =====  ======  ===============  ==================
 
-    The tiny preset is not in the paper; it runs a 64x128 batch in milliseconds on a CPU.
+    ``"<name>/<d>"`` is the same network at 1/d of every width (depth unchanged): the CPU-sized
+    variants of the notebooks (``M128/4`` … ``M1024/4`` in notebook 02's quick mode; ``M256/4``
+    is notebook 01's student ``UNet(4, 64)``).
 
     Args:
-        name: "tiny", "M128", "M256", "M512", "M1024" or "M1024*" (without BatchNorm).
+        name: "M128", "M256", "M512", "M1024" or "M1024*" (without BatchNorm), optionally with
+            "/d" (see ``unet_preset``).
         num_classes: output channels.
         in_channels: input channels.
 
@@ -690,10 +712,53 @@ def unet_family(name: str, num_classes: int, in_channels: int = 3) -> UNet:
     References:
         U-Net KD paper, §IV and Table II. Taught in notebooks/02_unet_ensemble_weighting.ipynb.
     """
-    if name not in UNET_PRESETS:
-        raise ValueError(f"unknown U-Net preset {name!r}; choose one of {list(UNET_PRESETS)}.")
-    depth, bridge, batch_norm = UNET_PRESETS[name]
+    depth, bridge, batch_norm = unet_preset(name)
     return UNet(depth, bridge, batch_norm, num_classes=num_classes, in_channels=in_channels)
+
+
+class MergedClasses(nn.Module):
+    """A segmenter over coarser classes: each new class is the union of some of the old ones.
+
+    The probability of a union is the sum of its members' probabilities, so the new logits are
+    z'_k = log Σ_{c: class_map[c] = k} exp(z_c): softmax(z') sums softmax(z) over each group
+    exactly (at τ = 1; a student softened at τ sees these logits / τ). Notebook 02 merges the
+    zoo's 17-class ToyCity teachers into the U-Net KD paper's 6 classes
+    (``data.unet_kd_class_map``).
+
+    Args:
+        model: returns logits ``[B, C, H, W]``.
+        class_map: C ids, ``class_map[c]`` = the new class of old class ``c``; every new class
+            0..K-1 must receive at least one old class.
+
+    References:
+        U-Net KD paper, Table I (the 6 classes). Taught in
+        notebooks/02_unet_ensemble_weighting.ipynb.
+    """
+
+    def __init__(self, model: nn.Module, class_map: Sequence[int]):
+        super().__init__()
+        ids = torch.as_tensor(list(class_map), dtype=torch.long)
+        k = int(ids.max()) + 1 if ids.numel() else 0
+        missing = sorted(set(range(k)) - set(ids.tolist()))
+        if ids.ndim != 1 or not ids.numel() or int(ids.min()) < 0 or missing:
+            raise ValueError(f"class_map={list(class_map)!r}; expected one id >= 0 per old class "
+                             f"with every new class 0..K-1 used (missing: {missing}).")
+        self.model = model
+        self.register_buffer("groups", F.one_hot(ids, k).T.float(), persistent=False)  # [K, C]
+
+    @property
+    def num_classes(self) -> int:
+        return self.groups.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Merged logits ``[B, K, H, W]``."""
+        z = self.model(x)
+        if z.shape[1] != self.groups.shape[1]:
+            raise ValueError(f"the model gave {z.shape[1]} classes; class_map has "
+                             f"{self.groups.shape[1]} entries. Pass one new id per model class.")
+        top = z.amax(1, keepdim=True)  # log-sum-exp, stable
+        summed = torch.einsum("kc,bchw->bkhw", self.groups.to(z.dtype), (z - top).exp())
+        return summed.clamp_min(torch.finfo(summed.dtype).tiny).log() + top  # finite: no -inf
 
 
 # --------------------------------------------------------------------------- DUDES student
@@ -1197,8 +1262,11 @@ def build_from_entry(entry: dict) -> nn.Module:
 
 
 def retrain_command(name: str) -> str:
-    """The command that retrains zoo entry ``name`` and rewrites its manifest entry."""
-    return f"python -m minikd.training zoo --train {name}"
+    """The command that retrains zoo entry ``name`` and rewrites its manifest entry (the name
+    quoted for a POSIX shell where it needs it, e.g. ``'toycity-target/UNet(4,64)'``)."""
+    import shlex
+
+    return f"python -m minikd.training zoo --train {shlex.quote(name)}"
 
 
 def _sha256(path: Path) -> str:

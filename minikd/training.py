@@ -1707,7 +1707,7 @@ def zoo_main(argv: Sequence[str]) -> None:
 
 # =========================================================================== torchrun demo
 def main(argv: Sequence[str] | None = None) -> None:
-    """Demo: a tiny U-Net ensemble on ToyCity, members spread over the ranks of torchrun.
+    """Demo: an M128/4 U-Net ensemble on ToyCity, members spread over the ranks of torchrun.
 
     ``torchrun --standalone --nproc_per_node=2 -m minikd.training --members 4`` (or plain
     ``python -m minikd.training`` on one process). ``python -m minikd.training zoo ...`` lists
@@ -1730,7 +1730,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     train = DataLoader(ToyCity(32, size, transform=train_transforms(size)), batch_size=4,
                        shuffle=True)
     members = train_ensemble(
-        lambda: unet_family("tiny", ToyCity.NUM_CLASSES), args.members, train,
+        lambda: unet_family("M128/4", ToyCity.NUM_CLASSES), args.members, train,
         lambda out, b: F.cross_entropy(out, b["mask"], ignore_index=255),
         iterations=args.iterations, ckpt_dir=args.ckpt_dir, progress=is_main_process())
     if is_main_process():

@@ -334,14 +334,14 @@ def test_weighted_fusion_names_members_with_other_class_counts():
 # ------------------------------------------------------------------- unclear errors: models
 def test_unet_num_classes_checked():
     with pytest.raises(ValueError, match=r"UNet needs num_classes, a positive int.*got 0"):
-        models.unet_family("tiny", 0)
+        models.unet_family("M128/4", 0)
     with pytest.raises(ValueError, match=r"UNet needs num_classes, a positive int.*got 2\.0"):
         models.UNet(3, 32, num_classes=2.0)
     with pytest.raises(ValueError, match=r"build_segmenter needs num_classes.*got 0"):
         models.build_segmenter("Unet", "resnet18", 0)
     with pytest.raises(ValueError, match=r"light_unet needs num_classes.*got -1"):
         models.light_unet("tu-resnet10t", -1)
-    assert models.unet_family("tiny", 3).eval()(torch.zeros(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+    assert models.unet_family("M128/4", 3).eval()(torch.zeros(1, 3, 16, 16)).shape == (1, 3, 16, 16)
 
 
 class _NotWeights:

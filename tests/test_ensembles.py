@@ -216,12 +216,12 @@ def test_vectorized_ensemble_training_equals_separate_optimizers():
 def test_unet_tiny_and_dudes_student_members():
     models = pytest.importorskip("minikd.models")
     x = torch.rand(2, 3, 32, 64)
-    unets = [models.unet_family("tiny", num_classes=C).eval() for _ in range(3)]
+    unets = [models.unet_family("M128/4", num_classes=C).eval() for _ in range(3)]
     loop = DeepEnsemble(unets, vectorize=False).predict(x)
     vec = DeepEnsemble(unets, vectorize=True).predict(x)
     for k in loop:
         torch.testing.assert_close(vec[k].float(), loop[k].float(), atol=1e-5, rtol=0)
-    students = [models.DUDESStudent(models.unet_family("tiny", num_classes=C)).eval()
+    students = [models.DUDESStudent(models.unet_family("M128/4", num_classes=C)).eval()
                 for _ in range(2)]
     stacked = DeepEnsemble(students, vectorize=True).forward_members(x)
     assert stacked["logits"].shape == (2, 2, C, 32, 64)

@@ -221,7 +221,7 @@ class HolisticKD:
 
 def _unet(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return models.unet_family("tiny", NUM_CLASSES)
+    return models.unet_family("M128/4", NUM_CLASSES)
 
 
 def _fit(model, loss_fn, **kw):

@@ -48,9 +48,9 @@ def all_models(segmenters):
     """One instance of every model class (tiny sizes), in eval mode."""
     torch.manual_seed(0)
     found = {f"smp-{a}": m for a, m in segmenters.items()}
-    found["UNet-tiny"] = unet_family("tiny", 4)
+    found["UNet-tiny"] = unet_family("M128/4", 4)
     found["DUDES-dlv3"] = DUDESStudent(build_segmenter("DeepLabV3Plus", "resnet18", 5))
-    found["DUDES-unet"] = DUDESStudent(unet_family("tiny", 4))
+    found["DUDES-unet"] = DUDESStudent(unet_family("M128/4", 4))
     found["SegFormer"] = SegFormer("mit_b0", 4)
     found["DepthFormer"] = DepthFormer("mit_b0")
     found["SegDepthFormer"] = SegDepthFormer("mit_b0", num_classes=4)
@@ -210,11 +210,12 @@ def test_unet_shapes_and_filter_progression():
 
 
 def test_unet_family_param_counts_increase():
-    counts = [count_parameters(unet_family(n, 6)) for n in ("tiny", "M128", "M256", "M512",
+    counts = [count_parameters(unet_family(n, 6)) for n in ("M128/4", "M128", "M256", "M512",
                                                              "M1024")]
     assert counts == sorted(counts) and len(set(counts)) == 5
     assert counts == [30_566, 482_822, 1_942_662, 7_778_694, 31_116_166]  # docstring table
     assert 10_000 < counts[0] < 100_000
+    assert count_parameters(unet_family("M1024/4", 6)) == 1_947_334  # docstring table
 
 
 def test_unet_without_batchnorm_has_conv_biases_only():
@@ -224,7 +225,7 @@ def test_unet_without_batchnorm_has_conv_biases_only():
 
 
 def test_unet_rejects_bad_presets_and_shapes():
-    with pytest.raises(ValueError, match="M2048.*tiny"):
+    with pytest.raises(ValueError, match="M2048.*M1024.*/d"):
         unet_family("M2048", 3)
     with pytest.raises(ValueError, match="multiple of 2\\*\\*depth=8"):
         UNet(3, 100, num_classes=3)
@@ -259,7 +260,7 @@ def test_dudes_accepts_raw_smp_model_and_segformer():
 
 
 def test_dudes_shares_the_decoder():
-    unet = unet_family("tiny", 3)
+    unet = unet_family("M128/4", 3)
     student = DUDESStudent(unet)
     assert student.segmenter is unet
     assert count_parameters(student) - count_parameters(unet) == 4 + 1  # 1x1 conv on 4 ch
@@ -340,7 +341,7 @@ def test_as_dict_and_count_parameters():
     assert as_dict(d) is d
     with pytest.raises(ValueError, match="aux_params"):
         as_dict((t, t))
-    net = unet_family("tiny", 2)
+    net = unet_family("M128/4", 2)
     total = count_parameters(net)
     for p in net.encoder.parameters():
         p.requires_grad_(False)
@@ -354,7 +355,7 @@ def test_class_wise_student_head_is_c_times_the_dudes_head():
     baseline = build_segmenter("DeepLabV3Plus", "resnet18", 19)
     student = models.ClassWiseUncertaintyStudent(baseline)
     assert count_parameters(student) - count_parameters(baseline) == 19 * 257
-    unet = unet_family("tiny", 3)
+    unet = unet_family("M128/4", 3)
     student = models.ClassWiseUncertaintyStudent(unet)
     assert student.segmenter is unet
     assert count_parameters(student) - count_parameters(unet) == 3 * (4 + 1)
@@ -362,7 +363,7 @@ def test_class_wise_student_head_is_c_times_the_dudes_head():
 
 def test_class_wise_student_outputs_read_the_map_at_the_predicted_class():
     torch.manual_seed(0)
-    student = models.ClassWiseUncertaintyStudent(unet_family("tiny", 4)).eval()
+    student = models.ClassWiseUncertaintyStudent(unet_family("M128/4", 4)).eval()
     with torch.no_grad():
         out = student(X)
     assert set(out) == {"logits", "class_uncertainty", "uncertainty"}
