@@ -1263,7 +1263,7 @@ def build_from_entry(entry: dict) -> nn.Module:
 
 def retrain_command(name: str) -> str:
     """The command that retrains zoo entry ``name`` and rewrites its manifest entry (the name
-    quoted for a POSIX shell where it needs it, e.g. ``'toycity-target/UNet(4,64)'``)."""
+    quoted for a POSIX shell where it needs it, e.g. ``'toycity/M1024*'``)."""
     import shlex
 
     return f"python -m minikd.training zoo --train {shlex.quote(name)}"
