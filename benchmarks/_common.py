@@ -19,12 +19,12 @@ def make_segmenter(arch: str, num_classes: int) -> torch.nn.Module:
     """The plain segmenter of a benchmark: "unet-tiny" or DeepLabV3+ ResNet18 (random weights:
     timing does not need training)."""
     if arch == "unet-tiny":
-        return unet_family("tiny", num_classes=num_classes)
+        return unet_family("M128/4", num_classes=num_classes)
     return build_segmenter("DeepLabV3Plus", "resnet18", num_classes=num_classes)
 
 
 def small_model(name: str, num_classes: int) -> tuple[torch.nn.Module, str]:
-    """A U-Net preset ("tiny", "M128", ...) or "depth,bridge" such as "4,64" for UNet(4, 64),
+    """A U-Net name ("M128/4", "M128", ...) or "depth,bridge" such as "4,64" for UNet(4, 64),
     with a one-line description."""
     if "," in name:
         depth, bridge = (int(v) for v in name.split(","))

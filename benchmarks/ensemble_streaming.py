@@ -2,7 +2,7 @@
 
 Four figures, each a ratio measured within one run (variants interleaved, medians):
 
-    predict   DeepEnsemble.predict / (N x one member forward)     goal <= 1.15 (M128), <= 1.5 (tiny)
+    predict   DeepEnsemble.predict / (N x one member forward)     goal <= 1.15 (M128), <= 1.5 (M128/4)
     memory    peak memory of predict, N = 10 / N = 2               goal <= 1.5
     meter     SegmentationMeter update+compute / torchmetrics      goal <= 0.5
     evaluate  training.evaluate (every uncertainty metric) / forward-only pass, M128 DUDES student
@@ -12,7 +12,7 @@ Each also times the implementation this issue replaced (kept verbatim below as t
 variant), so one run gives the before/after table of benchmarks/RESULTS.md.
 
     OMP_NUM_THREADS=1 python benchmarks/ensemble_streaming.py predict --model M128 --threads 1
-    OMP_NUM_THREADS=1 python benchmarks/ensemble_streaming.py predict --model tiny --threads 1
+    OMP_NUM_THREADS=1 python benchmarks/ensemble_streaming.py predict --model M128/4 --threads 1
     OMP_NUM_THREADS=1 python benchmarks/ensemble_streaming.py memory
     OMP_NUM_THREADS=1 python benchmarks/ensemble_streaming.py meter --threads 1
     OMP_NUM_THREADS=1 python benchmarks/ensemble_streaming.py evaluate --threads 1
@@ -218,7 +218,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("figure", choices=["predict", "memory", "memory-child", "meter",
                                            "evaluate"])
-    parser.add_argument("--model", default="M128", help="unet_family preset (M128, tiny, ...)")
+    parser.add_argument("--model", default="M128", help="unet_family name (M128, M128/4, ...)")
     parser.add_argument("--members", type=int, default=10)
     parser.add_argument("--size", type=int, nargs=2, default=[256, 512], help="H W")
     parser.add_argument("--batch", type=int, default=None)

@@ -143,7 +143,7 @@ def report(name: str, pred, labels, num_classes: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="M128",
-                        help='U-Net preset ("tiny", "M128") or "depth,bridge" such as "4,64" '
+                        help='U-Net name ("M128/4", "M128") or "depth,bridge" such as "4,64" '
                              '(default M128, the U-Net KD paper\'s smallest U-Net)')
     parser.add_argument("--size", default="64x128")
     parser.add_argument("--n-train", type=int, default=500)

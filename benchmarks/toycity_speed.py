@@ -13,7 +13,7 @@ disturbed when other programs share the CPU).
 
 Usage:
     python benchmarks/toycity_speed.py                  # M128 and UNet(4, 64), 64x128 and 128x256
-    python benchmarks/toycity_speed.py --model tiny --rounds 5
+    python benchmarks/toycity_speed.py --model M128/4 --rounds 5
 
 Prints samples/s of generation (source and target domain) and of cached reads, each training
 step's ms per sample (batch 16, SGD, cross-entropy, forward + backward + update) and the ratios
@@ -82,7 +82,7 @@ def bench(size: tuple[int, int], model_names: list[str], rounds: int, per_round:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=None,
-                        help='U-Net preset ("tiny", "M128") or "depth,bridge"; repeat for several '
+                        help='U-Net name ("M128/4", "M128") or "depth,bridge"; repeat for several '
                              '(default: M128 and 4,64)')
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=16, help="samples rendered per round")

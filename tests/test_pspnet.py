@@ -115,7 +115,7 @@ def test_zoo_can_name_pspnet():
 @pytest.mark.parametrize("which", ["pspnet", "unet", "segformer"])
 def test_with_features_logits_equal_model_in_one_pass(which, psp18):
     torch.manual_seed(0)
-    model = {"pspnet": lambda: psp18, "unet": lambda: unet_family("tiny", 5).eval(),
+    model = {"pspnet": lambda: psp18, "unet": lambda: unet_family("M128/4", 5).eval(),
              "segformer": lambda: models.SegFormer("mit_b0/2", 5).eval()}[which]()
     wrapped = WithFeatures(model)
     with torch.no_grad():

@@ -80,7 +80,7 @@ def test_feature_terms_need_a_features_output():
 
 def test_teacher_cache_stores_features_of_a_withfeatures_teacher():
     torch.manual_seed(0)
-    teacher = models.WithFeatures(models.unet_family("tiny", num_classes=17)).eval()
+    teacher = models.WithFeatures(models.unet_family("M128/4", num_classes=17)).eval()
     images = data.ToyCity(3, size=(32, 64), split="train", seed=5)
     cache = ensembles.TeacherCache(teacher, images, targets=("logits", "features"), batch_size=2,
                                    dtype=torch.float32)

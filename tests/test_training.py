@@ -388,7 +388,7 @@ def test_with_library_models_and_toycity():
     size = (32, 64)
     train = DataLoader(data.ToyCity(4, size, transform=data.train_transforms(size)),
                        batch_size=2, shuffle=True)
-    net = models.unet_family("tiny", data.ToyCity.NUM_CLASSES)
+    net = models.unet_family("M128/4", data.ToyCity.NUM_CLASSES)
     h = fit(net, train, lambda out, b: F.cross_entropy(out, b["mask"], ignore_index=255),
             iterations=3, progress=False, device="cpu", seed=0)
     assert all(math.isfinite(v) for v in h["loss"])
@@ -397,7 +397,7 @@ def test_with_library_models_and_toycity():
     assert [id(p) for p in enc["params"]] == [id(p) for p in models.param_groups(net)[0]]
     val = DataLoader(data.ToyCity(2, size, split="val", ood=True,
                                   transform=data.eval_transforms()), batch_size=2)
-    student = models.DUDESStudent(models.unet_family("tiny", data.ToyCity.NUM_CLASSES))
+    student = models.DUDESStudent(models.unet_family("M128/4", data.ToyCity.NUM_CLASSES))
     res = evaluate(student, val, data.ToyCity.NUM_CLASSES, device="cpu", ood=True)
     assert {"miou", "ece", "error_auroc", "ood_auroc", "m_unc"} <= res.keys()
 

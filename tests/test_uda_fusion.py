@@ -436,7 +436,7 @@ def test_fuse_caches_batch_by_batch_equals_one_fusion_of_everything():
 
     torch.manual_seed(0)
     pool = ToyCity(5, (16, 32), domain="target")
-    teachers = [unet_family("tiny", 17).eval() for _ in range(3)]
+    teachers = [unet_family("M128/4", 17).eval() for _ in range(3)]
     caches = [TeacherCache(t, pool, targets=("probs",), batch_size=2) for t in teachers]
     stacked = torch.stack([c.targets["probs"] for c in caches])
     policy = fusion.FusionPolicy([c % 3 for c in range(17)], 3)

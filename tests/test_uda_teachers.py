@@ -109,7 +109,7 @@ def test_source_target_refuses_labelled_target_data():
 @pytest.mark.parametrize("method", adaptation.UDA_METHODS)
 def test_uda_loss_trains_the_model_from_both_domains(method):
     torch.manual_seed(0)
-    model = models.unet_family("tiny", ToyCity.NUM_CLASSES)
+    model = models.unet_family("M128/4", ToyCity.NUM_CLASSES)
     labels = torch.randint(0, 17, (4, 16, 32), dtype=torch.uint8)
     target = (PseudoLabels(_target(), labels) if method == "self_training"
               else Unlabelled(_target()))
@@ -127,7 +127,7 @@ def test_uda_loss_trains_the_model_from_both_domains(method):
 
 
 def test_uda_loss_bad_input():
-    model = models.unet_family("tiny", ToyCity.NUM_CLASSES)
+    model = models.unet_family("M128/4", ToyCity.NUM_CLASSES)
     with pytest.raises(ValueError, match="'adversarial' is not known"):
         adaptation.UDALoss(model, "adversarial")
     with pytest.raises(ValueError, match="weight=-1"):
@@ -192,10 +192,10 @@ def test_each_uda_recipe_runs_a_few_steps(name, tmp_path):
 # --------------------------------------------------------------------------- full-mode teachers
 def test_load_teachers_reads_the_documented_layout(tmp_path):
     torch.manual_seed(0)
-    a, b = models.unet_family("tiny", 5), models.unet_family("tiny", 5)
+    a, b = models.unet_family("M128/4", 5), models.unet_family("M128/4", 5)
     torch.save(a.state_dict(), tmp_path / "a.pt")
     torch.save({"model": b.state_dict(), "step": 3}, tmp_path / "b.pt")  # a fit checkpoint
-    spec = {"teachers": {n: {"builder": "unet_family", "args": {"name": "tiny", "num_classes": 5},
+    spec = {"teachers": {n: {"builder": "unet_family", "args": {"name": "M128/4", "num_classes": 5},
                              "file": f} for n, f in (("A", "a.pt"), ("B", "b.pt"))}}
     (tmp_path / models.TEACHERS_FILE).write_text(json.dumps(spec))
     loaded = models.load_teachers(tmp_path)
