@@ -69,10 +69,13 @@ __all__ = [
     "Relabel",
     "Resize",
     "ToyCity",
+    "Transformed",
     "Unlabelled",
+    "VoidAsUnknown",
     "class_legend",
     "colorize",
     "disparity_to_depth",
+    "dudes_sets",
     "eval_transforms",
     "get_mode",
     "labelids_to_trainids",
@@ -2294,3 +2297,84 @@ def unet_kd_sets(mode: str, size: tuple[int, int], *, n_train: int | None = None
     return {"train": train, "train_aug": train_aug,
             "search": torch.utils.data.Subset(val, range(n_search)),
             "test": torch.utils.data.Subset(val, range(n_search, n_search + n_test))}
+
+
+class Transformed(Dataset):
+    """``dataset`` with a joint transform applied to every item, on top of what it returns.
+
+    Wraps a (cached) data set instead of building a second one with the transform, so ToyCity
+    scenes are rendered once for the plain and the augmented view of the same images.
+
+    Args:
+        dataset: any map-style data set of sample dicts.
+        transform: a callable sample -> sample (e.g. ``train_transforms(...)``).
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable[[dict], dict]) -> None:
+        if not callable(transform):
+            raise ValueError(f"Transformed needs a callable transform; got {transform!r}.")
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.transform(self.dataset[index])
+
+
+class VoidAsUnknown(JointTransform):
+    """Adds ``ood_mask = (mask == 255)``: data sets without unknown-object masks (Cityscapes)
+    read their void pixels as unknown objects, as DUDES's Fig. 3 (notebook 03, full mode)."""
+
+    def __call__(self, sample: dict, generator: torch.Generator | None = None) -> dict:
+        return {**sample, "ood_mask": sample["mask"] == IGNORE_INDEX}
+
+
+def dudes_sets(mode: str, size: tuple[int, int], n_train: int | None = None,
+               n_val: int | None = None, n_ood: int | None = None, seed: int = 7,
+               train_transform: Callable[[dict], dict] | None = None,
+               eval_transform: Callable[[dict], dict] | None = None,
+               root: str | os.PathLike | None = None) -> tuple[Dataset, Dataset, Dataset, Dataset]:
+    """Notebook 03's data for a mode: (train, train_aug, val, ood).
+
+    quick: ToyCity at ``size``. ``train`` = the first ``n_train`` scenes of split "train",
+    seed 0 (the images the zoo's DUDES members ``toycity-dudes/M128-*`` were trained on: the
+    student learns the teacher's uncertainty where the teacher was trained, as in the paper);
+    ``train_aug`` = the same images through ``train_transform`` (rendered once); ``val`` = split
+    "val" and ``ood`` = split "test" with unknown objects (``ood=True``), both from ``seed``, which
+    no zoo model and no choice of the lesson saw (the zoo validates on "val" seed 0).
+    full: Cityscapes from ``root`` (default ``$MINIKD_CITYSCAPES`` or ``../data/cityscapes``):
+    fine train, and val twice: as validation and with its void pixels as unknown objects
+    (``VoidAsUnknown``, the paper's Fig. 3).
+
+    Args:
+        mode: "quick" or "full".
+        size: (h, w) of the ToyCity images (quick; Cityscapes keeps its own size).
+        n_train, n_val, n_ood: images (quick: required; full: ``None`` = all).
+        seed: the held-out ToyCity seed of ``val`` and ``ood`` (quick).
+        train_transform: joint augmentation of ``train_aug``; eval_transform: of val and ood.
+        root: the prepared Cityscapes folder (full mode).
+
+    References:
+        Landgraf et al., DUDES (2023) §4. Taught in notebooks/03_dudes.ipynb.
+    """
+    _check_choice("mode", mode, ("quick", "full"))
+    plain = eval_transform or Compose([])
+    if mode == "quick":
+        if None in (n_train, n_val, n_ood):
+            raise ValueError("dudes_sets('quick', ...) needs n_train, n_val and n_ood (ToyCity has "
+                             "no fixed length); e.g. n_train=320, n_val=64, n_ood=32.")
+        size = _check_size(size)
+        train = ToyCity(n_train, size=size, split="train", seed=0, cache=True)
+        val = ToyCity(n_val, size=size, split="val", seed=seed, cache=True, transform=plain)
+        ood = ToyCity(n_ood, size=size, split="test", seed=seed, ood=True, cache=True,
+                      transform=plain)
+    else:
+        root = Path(root or os.environ.get("MINIKD_CITYSCAPES") or "../data/cityscapes")
+        train, val = Cityscapes(root, "train"), Cityscapes(root, "val", transform=plain)
+        ood = Cityscapes(root, "val", transform=Compose([plain, VoidAsUnknown()]))
+        subsets = [(train, n_train), (val, n_val), (ood, n_ood)]
+        train, val, ood = [d if n is None else torch.utils.data.Subset(d, range(min(n, len(d))))
+                           for d, n in subsets]
+    train_aug = Transformed(train, train_transform) if train_transform else train
+    return train, train_aug, val, ood

@@ -25,7 +25,7 @@ from minikd.data import ToyCity
 REAL_ENTRIES = models.zoo_manifest()["entries"]
 TINY = "toy/tiny"
 TRAIN_HINT = "python -m minikd.training zoo --train"
-MAX_ZOO_BYTES = 72 * 1024 * 1024
+MAX_ZOO_BYTES = 80 * 1024 * 1024
 CHECK_TOL = 0.005  # |measured - recorded| check_miou
 CHECK_RMSE_TOL = 0.005  # |measured - recorded| check_depth_rmse, relative (depth models)
 PLATEAU_TOL = 0.03  # the curve's last point within this of its best
@@ -193,7 +193,7 @@ def test_zoo_entry_records_figures_and_a_plateaued_curve(name):
 def test_zoo_size_and_no_stray_weights():
     files = sorted(models.ZOO_DIR.glob("*.pt"))
     total = sum(f.stat().st_size for f in files)
-    assert total <= MAX_ZOO_BYTES, f"the zoo is {total / 2**20:.1f} MB (> 72 MB)"
+    assert total <= MAX_ZOO_BYTES, f"the zoo is {total / 2**20:.1f} MB (> {MAX_ZOO_BYTES // 2**20} MB)"
     listed = {e["file"] for e in REAL_ENTRIES.values()}
     stray = [f.name for f in files if f.name not in listed]
     assert not stray, f"weights in minikd/zoo/ that no manifest entry names: {stray}"
@@ -411,3 +411,23 @@ def test_zoo_cli_rejects_bad_arguments(argv, capsys):
 def test_zoo_cli_unknown_entry(capsys):
     with pytest.raises(ValueError, match="available"):
         training.zoo_main(["--train", "toycity/no-such-model"])
+
+
+def test_dudes_members_differ_only_by_seed_and_feed_a_16_channel_head():
+    """Notebook 03's teacher (issue 10): ten M128 members, one recipe, ten seeds; the DUDES head
+    reads at least 16 decoder channels (the quarter-width U-Net gave it 4, a 5-parameter head)."""
+    names = [f"toycity-dudes/M128-{k}" for k in range(1, 11)]
+    entries = [REAL_ENTRIES[n] for n in names]
+    seeds = [e["recipe"]["seed"] for e in entries]
+    assert len(set(seeds)) == 10, f"members share seeds: {seeds}"
+    same = [{k: v for k, v in e["recipe"].items() if k != "seed"} for e in entries]
+    assert all(r == same[0] for r in same), "the members' recipes differ beyond the seed"
+    assert {e["builder"] for e in entries} == {"unet_family"}
+    assert {json.dumps(e["args"], sort_keys=True) for e in entries} == {
+        json.dumps({"name": "M128", "num_classes": 17}, sort_keys=True)}
+    student = models.DUDESStudent(models.build_from_entry(entries[0]))
+    head = [m for m in student.uncertainty_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert head and head[0].in_channels >= 16, f"head reads {head[0].in_channels} channels"
+    # the student's pre-trained start saw other data: ToyCity's target domain
+    init = REAL_ENTRIES["toycity-target/M128"]
+    assert init["recipe"]["data"]["domain"] == "target" and init["args"] == entries[0]["args"]
