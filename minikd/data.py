@@ -2312,7 +2312,7 @@ class Transformed(Dataset):
 
     def __init__(self, dataset: Dataset, transform: Callable[[dict], dict]) -> None:
         if not callable(transform):
-            raise ValueError(f"Transformed needs a callable transform; got {transform!r}.")
+            raise TypeError(f"Transformed needs a callable transform; got {transform!r}.")
         self.dataset, self.transform = dataset, transform
 
     def __len__(self) -> int:

@@ -38,7 +38,7 @@ def test_transformed_applies_the_transform_on_top_and_checks_it():
     wrapped = data.Transformed(base, flip)
     assert len(wrapped) == 2
     torch.testing.assert_close(wrapped[1]["image"], base[1]["image"].flip(-1))
-    with pytest.raises(ValueError, match="callable"):
+    with pytest.raises(TypeError, match="callable"):
         data.Transformed(base, "flip")
 
 
