@@ -2273,13 +2273,14 @@ def unet_kd_sets(mode: str, size: tuple[int, int], *, n_train: int | None = None
             raise ValueError("unet_kd_sets('quick', ...) needs n_train and n_test (ToyCity has "
                              "no fixed length); e.g. n_train=192, n_test=64.")
         relabel = Relabel(unet_kd_class_map(ToyCity.TO_CITYSCAPES, ToyCity.NUM_CLASSES))
-        aug = Compose([relabel, train_transform]) if train_transform else relabel
 
-        def toy(n: int, split: str, seed: int, transform: Callable) -> Dataset:
-            return ToyCity(n, size=size, split=split, seed=seed, cache=True, transform=transform)
+        def toy(n: int, split: str, seed: int) -> Dataset:
+            return ToyCity(n, size=size, split=split, seed=seed, cache=True, transform=relabel)
 
-        return {"train": toy(n_train, "train", 0, relabel), "train_aug": toy(n_train, "train", 0, aug),
-                "search": toy(n_search, "val", 0, relabel), "test": toy(n_test, "test", 2, relabel)}
+        train = toy(n_train, "train", 0)  # rendered once; train_aug is a view of it
+        return {"train": train,
+                "train_aug": Transformed(train, train_transform) if train_transform else train,
+                "search": toy(n_search, "val", 0), "test": toy(n_test, "test", 2)}
     root = Path(root or os.environ.get("MINIKD_CITYSCAPES") or "../data/cityscapes")
     base = Compose([Relabel(unet_kd_class_map()), Resize(size)])
     aug = Compose([base, train_transform]) if train_transform else base
