@@ -47,6 +47,7 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 import os
 import socket
 import threading
@@ -792,13 +793,21 @@ class DUDESStudent(_ParamGroupsMixin, nn.Module):
     Args:
         segmenter: a ``Segmenter`` (``build_segmenter``), a raw smp model, a ``UNet`` or a
             ``SegFormer``: anything with ``forward_features`` and ``segmentation_head``.
+        init_uncertainty: if given (in (0, 1)), the head starts at this value everywhere: the
+            weights of its last conv are 0 and its bias is logit(init_uncertainty), a prior
+            initialisation like RetinaNet's classification head. Pass the teacher's mean
+            uncertainty on the training images. The paper does not say how its head starts.
+            With the default init the head starts near sigmoid(0) = 0.5, far above targets that
+            are mostly below 0.1. With SGD at the decoder's 10× rate, RMSLE's gradient (its size
+            does not shrink with the error) can then push it into the flat end of the sigmoid,
+            where it stays at 0: on ToyCity this happened in 2 of 3 seeds (notebook 03).
 
     References:
         Landgraf et al., DUDES (2023), §3 "Student" and Table 3. Taught in
         notebooks/03_dudes.ipynb.
     """
 
-    def __init__(self, segmenter: nn.Module):
+    def __init__(self, segmenter: nn.Module, init_uncertainty: float | None = None):
         super().__init__()
         if isinstance(segmenter, smp.base.SegmentationModel):
             segmenter = Segmenter(segmenter)
@@ -808,6 +817,22 @@ class DUDESStudent(_ParamGroupsMixin, nn.Module):
         self.segmenter = segmenter
         self.uncertainty_head = self._make_uncertainty_head(segmenter.segmentation_head)
         self.output_stride = segmenter.output_stride
+        if init_uncertainty is not None:
+            self._prior_init(init_uncertainty)
+
+    def _prior_init(self, value: float) -> None:
+        """The head's last conv: weights 0, bias logit(value), so it outputs ``value``."""
+        if not 0.0 < float(value) < 1.0:
+            raise ValueError(f"init_uncertainty must lie strictly between 0 and 1 (a sigmoid "
+                             f"output); got {value}. Pass the teacher's mean uncertainty, "
+                             "e.g. the mean of the cached targets.")
+        last = [m for m in self.uncertainty_head.modules() if isinstance(m, nn.Conv2d)][-1]
+        if last.bias is None:
+            raise ValueError("init_uncertainty needs a head whose last conv has a bias; this "
+                             "segmenter's head has none.")
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.fill_(math.log(value / (1.0 - value)))
 
     def _make_uncertainty_head(self, segmentation_head: nn.Module) -> nn.Module:
         return _uncertainty_head(segmentation_head)

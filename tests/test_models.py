@@ -396,3 +396,23 @@ def test_light_unet_rejects_bad_arguments():
         models.light_unet("tu-resnet10t", 5, encoder_depth=3, decoder_channels=(16, 8))
     with pytest.raises(ValueError, match="tu-"):
         models.light_unet("tu-no_such_net", 5)
+
+
+def test_dudes_prior_init_starts_the_head_at_the_given_uncertainty():
+    """``init_uncertainty``: the head outputs that value everywhere before training (zero weights,
+    bias logit(value)), for DUDES and the class-wise student; the segmentation is untouched."""
+    torch.manual_seed(0)
+    seg = unet_family("M128/4", 4)
+    x = torch.rand(2, 3, 32, 64)
+    for cls in (DUDESStudent, models.ClassWiseUncertaintyStudent):
+        torch.manual_seed(1)
+        plain = cls(copy.deepcopy(seg)).eval()
+        torch.manual_seed(1)
+        prior = cls(copy.deepcopy(seg), init_uncertainty=0.03).eval()
+        out, ref = prior(x), plain(x)
+        torch.testing.assert_close(out["uncertainty"], torch.full_like(out["uncertainty"], 0.03))
+        torch.testing.assert_close(out["logits"], ref["logits"])
+        assert not torch.allclose(ref["uncertainty"], out["uncertainty"])
+    for bad in (0.0, 1.0, -0.1, 2.0):
+        with pytest.raises(ValueError, match="strictly between 0 and 1"):
+            DUDESStudent(copy.deepcopy(seg), init_uncertainty=bad)

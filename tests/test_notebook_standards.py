@@ -9,7 +9,12 @@ Reads every committed notebook (no execution) and fails, naming the notebook and
 - a committed output holds an error or a traceback (a cell that failed when the notebook was last
   run), is longer than MAX_OUTPUT_LINES lines, or holds a progress bar's carriage-return debris;
 - the code cells were not executed top to bottom in one run (execution counts 1, 2, 3, ...), so
-  the outputs a reader sees on GitHub are not one run's.
+  the outputs a reader sees on GitHub are not one run's;
+- a code cell is longer than MAX_CODE_LINES lines (the house style's "about 30", with room for
+  one figure or explorer cell; longer plumbing belongs in the library, a longer lesson step in
+  two cells);
+- two cells share an id (nbformat 4.5 requires unique ids; a cell copied by a script keeps its
+  original's).
 Each check is also run on a notebook built with the defect, to show that it can fail.
 """
 
@@ -23,6 +28,7 @@ import pytest
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 MAX_OUTPUT_LINES = 100
+MAX_CODE_LINES = 40
 SMOKE_READ = re.compile(r"\bSMOKE\b|MINIKD_SMOKE")
 DRAWS = re.compile(r"\bplt\.(show|subplots|figure|imshow|plot)\b|\.savefig\(")
 
@@ -72,6 +78,15 @@ def problems(nb: dict, name: str) -> list[str]:
             if lines > MAX_OUTPUT_LINES:
                 found.append(f"{name}: cell {i} prints {lines} lines (at most "
                              f"{MAX_OUTPUT_LINES}); summarise it or write it to a file")
+    for i, c in enumerate(cells):
+        n_lines = _source(c).count("\n") + 1
+        if c.get("cell_type") == "code" and n_lines > MAX_CODE_LINES:
+            found.append(f"{name}: code cell {i} has {n_lines} lines (at most {MAX_CODE_LINES}); "
+                         "split the step in two or move its plumbing into the library")
+    ids = [c.get("id") for c in cells if c.get("id")]
+    if len(ids) != len(set(ids)):
+        found.append(f"{name}: cell ids repeat ({sorted({i for i in ids if ids.count(i) > 1})}); "
+                     "give every cell its own id")
     counts = [(i, c.get("execution_count")) for i, c in enumerate(cells)
               if c.get("cell_type") == "code"]
     for k, (i, n) in enumerate(counts, start=1):
@@ -154,6 +169,13 @@ def test_the_checks_fail_on_a_notebook_with_the_defects():
     assert [p for p in problems(out_of_order, "o")] == [
         ("o: code cell 1 has execution count 3, expected 2: the committed outputs are not one "
         "top-to-bottom run; restart and run all")]
+    wall = _notebook([PARAMS, _code("\n".join(["x = 1"] * 41))])
+    assert [p for p in problems(wall, "w")] == [
+        ("w: code cell 1 has 41 lines (at most 40); split the step in two or move its plumbing "
+         "into the library")]
+    assert problems(_notebook([PARAMS, _code("\n".join(["x = 1"] * 40))]), "w") == []
+    twins = _notebook([PARAMS, {**_code("a = 1"), "id": "x1"}, {**_code("b = 2"), "id": "x1"}])
+    assert [p for p in problems(twins, "t")] == ["t: cell ids repeat (['x1']); give every cell its own id"]
     never_run = _notebook([PARAMS, _code("a = 1")])
     never_run["cells"][1]["execution_count"] = None
     assert any("execution count None, expected 2" in p for p in problems(never_run, "n"))
